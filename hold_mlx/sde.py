@@ -1,0 +1,391 @@
+"""The linear SDE family behind VP, CLD and HOLD, in float64 NumPy.
+
+    du = beta(t) F u dt + sqrt(beta(t)) sigma e_n dW,   u = (u_1, ..., u_n)
+
+u_1 is the data, u_2.. are auxiliary blocks (velocity, acceleration, ...); the noise enters the
+last block only. F is n x n and acts identically on every data dimension, so every coefficient
+here is a small n x n matrix; frameworks only apply them to arrays (see ``samplers.py``).
+beta(t) = beta0 + beta1 t is a time change with integral B(t).
+
+This module is the single source of truth for the math: it imports nothing but NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["LinearSDE", "Kernel", "get_sde", "expm", "psd_sqrt", "SDE_NAMES"]
+
+SDE_NAMES = ("vp", "cld", "hold")
+
+
+# ----------------------------------------------------------------------------- small linear algebra
+
+
+def expm(a: np.ndarray) -> np.ndarray:
+    """Matrix exponential of ``a`` (..., n, n) in float64: scaling and squaring with Taylor.
+
+    After scaling, ||a / 2^s||_1 <= 1/4 and 18 Taylor terms leave a truncation error below 1e-24,
+    so the result is accurate to rounding. Works for defective matrices (critical damping).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    norm = np.abs(a).sum(axis=-2).max() if a.size else 0.0
+    s = max(0, int(math.ceil(math.log2(norm / 0.25)))) if norm > 0.25 else 0
+    x = a / 2.0**s
+    eye = np.broadcast_to(np.eye(a.shape[-1]), a.shape)
+    result, term = eye.copy(), eye.copy()
+    for k in range(1, 19):
+        term = term @ x / k
+        result = result + term
+    for _ in range(s):
+        result = result @ result
+    return result
+
+
+def psd_sqrt(q: np.ndarray) -> np.ndarray:
+    """A factor C with C C^T = q for a symmetric positive semi-definite q (..., n, n).
+
+    Uses the eigendecomposition, so it is exact for singular q (a short reverse step injects
+    noise of rank one) where a Cholesky factor would need jitter.
+    """
+    q = 0.5 * (q + np.swapaxes(q, -1, -2))
+    w, v = np.linalg.eigh(q)
+    return v * np.sqrt(np.clip(w, 0.0, None))[..., None, :]
+
+
+def _as_times(t) -> tuple[np.ndarray, bool]:
+    arr = np.asarray(t, dtype=np.float64)
+    return arr.reshape(-1), arr.ndim == 0
+
+
+# ----------------------------------------------------------------------------- the SDE object
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The hybrid-start perturbation kernel at times t (leading axis k, one entry per time).
+
+    mean_coeff: (k, n, n) expm(F B(t)); cov: (k, n, n) Sigma_t; chol: lower Cholesky factor of
+    Sigma_t + numerical_eps I; ell: (k,) chol[n-1, n-1], the scale of the last block's noise, so
+    the conditional score of the last block is -eps_n / ell.
+    """
+
+    t: np.ndarray
+    mean_coeff: np.ndarray
+    cov: np.ndarray
+    chol: np.ndarray
+    ell: np.ndarray
+
+
+class LinearSDE:
+    """du = beta(t) F u dt + sqrt(beta(t)) sigma e_n dW with beta(t) = beta0 + beta1 t.
+
+    Args:
+        F: (n, n) drift matrix before the time change; must be stable (eigenvalues in the open
+            left half-plane), so the process forgets the data.
+        sigma: noise scale on the last block.
+        aux_var: initial variance of each auxiliary block (n - 1 values) in the hybrid start used
+            for training; the data block starts with variance 0.
+        T: end time of the forward process.
+        beta0, beta1: the time change beta(t) = beta0 + beta1 t (must stay positive on [0, T]).
+        eps_sample: the time where reverse-time sampling stops before the final denoising step.
+        eps_loss: smallest training time.
+        numerical_eps: added to the diagonal of Sigma_t before its Cholesky factorisation.
+        mixed_data_var: data variance assumed by the analytic Gaussian part of the mixed score
+            (see ``mixed_score_var``); None picks 0 for n >= 2 (CLD-SGM) and 1 for n = 1.
+        name, params: the preset and its resolved parameters, to rebuild it from a checkpoint.
+    """
+
+    def __init__(
+        self,
+        F,
+        sigma: float,
+        *,
+        aux_var=(),
+        T: float = 1.0,
+        beta0: float = 1.0,
+        beta1: float = 0.0,
+        eps_sample: float = 1e-3,
+        eps_loss: float = 1e-5,
+        numerical_eps: float = 1e-9,
+        mixed_data_var: float | None = None,
+        name: str = "linear",
+        params: dict | None = None,
+    ):
+        F = np.array(F, dtype=np.float64)
+        if F.ndim != 2 or F.shape[0] != F.shape[1] or F.shape[0] < 1:
+            raise ValueError(f"F must be a square n x n matrix with n >= 1, got shape {F.shape}")
+        if not np.all(np.isfinite(F)):
+            raise ValueError("F has NaN or infinite entries")
+        n = F.shape[0]
+        eig = np.linalg.eigvals(F)
+        if np.max(eig.real) >= -1e-12:
+            raise ValueError(
+                f"F is not stable: it has an eigenvalue with real part {np.max(eig.real):.3g} >= 0, "
+                "so the forward process would never forget the data; check the couplings/friction"
+            )
+        if not (np.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a positive number, got {sigma}")
+        aux_var = np.broadcast_to(np.asarray(aux_var, dtype=np.float64), (n - 1,)).copy()
+        if np.any(aux_var < 0) or not np.all(np.isfinite(aux_var)):
+            raise ValueError(f"aux_var (initial auxiliary variances) must be >= 0, got {aux_var}")
+        if not T > 0:
+            raise ValueError(f"T must be positive, got {T}")
+        if not (beta0 > 0 and beta0 + beta1 * T > 0):
+            raise ValueError(f"beta(t) = {beta0} + {beta1} t must stay positive on [0, T={T}]")
+        for label, value in (("eps_sample", eps_sample), ("eps_loss", eps_loss)):
+            if not 0 < value < T:
+                raise ValueError(f"{label} must lie in (0, T={T}), got {value}")
+        if numerical_eps < 0:
+            raise ValueError(f"numerical_eps must be >= 0, got {numerical_eps}")
+
+        self.F = F
+        self.order = n
+        self.sigma = float(sigma)
+        self.aux_var = aux_var
+        self.T = float(T)
+        self.beta0, self.beta1 = float(beta0), float(beta1)
+        self.eps_sample, self.eps_loss = float(eps_sample), float(eps_loss)
+        self.numerical_eps = float(numerical_eps)
+        self.mixed_data_var = float(mixed_data_var if mixed_data_var is not None else (1.0 if n == 1 else 0.0))
+        self.name = name
+        self.params = dict(params or {})
+
+        self.G = np.zeros(n)
+        self.G[-1] = self.sigma
+        self.initial_cov = np.diag(np.concatenate([[0.0], aux_var]))
+        self._stationary = self._solve_lyapunov()
+        self._stationary_inv = np.linalg.inv(self._stationary)
+        # Reverse-time drift of the linear part of the splitting: F~ = S F^T S^-1 (MATH.md §4).
+        self.F_reverse = self._stationary @ F.T @ self._stationary_inv
+        self.prior_factor = np.linalg.cholesky(self._stationary)
+
+    # -- description ------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"LinearSDE(name={self.name!r}, order={self.order}{', ' + extra if extra else ''})"
+
+    def to_config(self) -> dict:
+        """A JSON-able description that ``get_sde(**config)`` turns back into this SDE."""
+        if self.name not in SDE_NAMES:
+            raise ValueError("only presets (vp, cld, hold) can be stored in a checkpoint")
+        return {"name": self.name, **self.params}
+
+    # -- time change ------------------------------------------------------------------------------
+
+    def beta(self, t):
+        return self.beta0 + self.beta1 * np.asarray(t, dtype=np.float64)
+
+    def B(self, t):
+        """Integrated time change: B(t) = int_0^t beta."""
+        t = np.asarray(t, dtype=np.float64)
+        return self.beta0 * t + 0.5 * self.beta1 * t * t
+
+    # -- moments of the forward process -----------------------------------------------------------
+
+    def _solve_lyapunov(self) -> np.ndarray:
+        # F S + S F^T + G G^T = 0, as one (n^2 x n^2) linear system; n is tiny.
+        n = self.order
+        eye = np.eye(n)
+        lhs = np.kron(eye, self.F) + np.kron(self.F, eye)
+        rhs = -np.outer(self.G, self.G).reshape(-1)
+        s = np.linalg.solve(lhs, rhs).reshape(n, n)
+        return 0.5 * (s + s.T)
+
+    def stationary_cov(self) -> np.ndarray:
+        """Sigma_inf, the covariance of the stationary law (per data dimension)."""
+        return self._stationary.copy()
+
+    def stationary_precision_last_row(self) -> np.ndarray:
+        """Row n of Sigma_inf^-1: the linear part (Sigma_inf^-1 u)_n split off the score."""
+        return self._stationary_inv[-1].copy()
+
+    def mean_coeff(self, t) -> np.ndarray:
+        """expm(F B(t)): (n, n) for a scalar t, (k, n, n) for k times."""
+        times, scalar = _as_times(t)
+        a = expm(self.F[None] * self.B(times)[:, None, None])
+        return a[0] if scalar else a
+
+    def cov(self, t, initial_cov: np.ndarray | None = None) -> np.ndarray:
+        """Sigma_t = S + A (Sigma_0 - S) A^T for the start covariance Sigma_0 (hybrid by default)."""
+        times, scalar = _as_times(t)
+        s0 = self.initial_cov if initial_cov is None else np.asarray(initial_cov, dtype=np.float64)
+        a = self.mean_coeff(times)
+        c = self._stationary + a @ (s0 - self._stationary) @ np.swapaxes(a, -1, -2)
+        c = 0.5 * (c + np.swapaxes(c, -1, -2))
+        return c[0] if scalar else c
+
+    def kernel(self, t) -> Kernel:
+        """Everything training needs at times t (array of k times)."""
+        times, _ = _as_times(t)
+        a = self.mean_coeff(times)
+        c = self.cov(times)
+        jitter = self.numerical_eps * np.eye(self.order)
+        try:
+            chol = np.linalg.cholesky(c + jitter)
+        except np.linalg.LinAlgError as err:
+            raise FloatingPointError(
+                "the perturbation kernel covariance is not positive definite at some t; "
+                "increase numerical_eps or eps_loss"
+            ) from err
+        return Kernel(times, a, c, chol, chol[:, -1, -1].copy())
+
+    def mixed_score_var(self, t) -> np.ndarray:
+        """Var of the last block when the data is Gaussian with variance ``mixed_data_var``.
+
+        The mixed score is s = -u_n / this - alpha / ell (MATH.md §3). For n >= 2 CLD-SGM uses
+        the hybrid-start covariance (data variance 0, auxiliaries aux_var); for VP (n = 1) that
+        would be singular at t -> 0 and CLD-SGM uses data variance 1 instead.
+        """
+        times, scalar = _as_times(t)
+        s0 = self.initial_cov.copy()
+        s0[0, 0] = self.mixed_data_var
+        v = self.cov(times, s0)[:, -1, -1] + self.numerical_eps
+        return v[0] if scalar else v
+
+    # -- reverse-time pieces used by the samplers -------------------------------------------------
+
+    def reverse_linear_step(self, t_from: float, t_to: float) -> tuple[np.ndarray, np.ndarray]:
+        """Exact flow of the linear part of the reverse SDE from t_from down to t_to.
+
+        du = beta F~ u dtau + sqrt(beta) G dW has stationary law N(0, Sigma_inf), so over the step
+        u <- E u + C z with E = expm(F~ (B(t_from) - B(t_to))) and C C^T = S - E S E^T.
+        """
+        dB = float(self.B(t_from) - self.B(t_to))
+        E = expm(self.F_reverse * dB)
+        S = self._stationary
+        return E, psd_sqrt(S - E @ S @ E.T)
+
+    def forward_step(self, t_from: float, t_to: float) -> tuple[np.ndarray, np.ndarray]:
+        """Exact forward transition over [t_from, t_to]: u <- A u + C z."""
+        dB = float(self.B(t_to) - self.B(t_from))
+        A = expm(self.F * dB)
+        S = self._stationary
+        return A, psd_sqrt(S - A @ S @ A.T)
+
+    def prior_sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        """Draw u_T ~ N(0, Sigma_inf) per data dimension; shape is the data shape (blocks appended)."""
+        z = rng.standard_normal(shape + (self.order,))
+        return z @ self.prior_factor.T
+
+    def simulate_forward(self, u0: np.ndarray, t_end: float, steps: int, rng: np.random.Generator) -> np.ndarray:
+        """Euler-Maruyama simulation of the forward SDE from t = 0 (for tests).
+
+        u0: (..., n) with the blocks on the last axis.
+        """
+        u = np.array(u0, dtype=np.float64)
+        ts = np.linspace(0.0, t_end, steps + 1)
+        for t0, t1 in zip(ts[:-1], ts[1:]):
+            dB = float(self.B(t1) - self.B(t0))
+            noise = np.sqrt(dB) * self.sigma * rng.standard_normal(u.shape[:-1])
+            u = u + dB * (u @ self.F.T)
+            u[..., -1] += noise
+        return u
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def critical_hold_couplings(order: int) -> tuple[list[float], float]:
+    """Couplings gamma_1..gamma_{n-1} and friction xi of the critically damped HOLD form.
+
+    HOLD++ (Sterling & Bugallo): lambda* = -sqrt(2n - 3), xi = n sqrt(2n - 3),
+    gamma_k = sqrt(2n - 3) sqrt((n^2 - (n - k)^2) / (4 (n - k)^2 - 1)); then (F - lambda* I)^n = 0.
+    """
+    if order < 2:
+        raise ValueError("critical damping needs order >= 2; give xi for an order-1 HOLD SDE")
+    n = order
+    r = math.sqrt(2 * n - 3)
+    gammas = [r * math.sqrt((n * n - (n - k) ** 2) / (4 * (n - k) ** 2 - 1)) for k in range(1, n)]
+    return gammas, n * r
+
+
+def hold_drift(couplings, xi: float) -> np.ndarray:
+    """F = sum_i gamma_i (E_{i,i+1} - E_{i+1,i}) - xi E_{n,n}."""
+    n = len(couplings) + 1
+    F = np.zeros((n, n))
+    for i, g in enumerate(couplings):
+        F[i, i + 1] = g
+        F[i + 1, i] = -g
+    F[-1, -1] = -xi
+    return F
+
+
+def _vp(beta_min=0.1, beta_max=20.0, T=1.0, **common):
+    if beta_max < 0 or beta_min <= 0:
+        raise ValueError(f"vp needs beta_min > 0 and beta_max >= 0, got {beta_min}, {beta_max}")
+    params = dict(beta_min=beta_min, beta_max=beta_max, T=T)
+    return LinearSDE(
+        [[-0.5]], 1.0, T=T, beta0=beta_min, beta1=(beta_max - beta_min) / T,
+        name="vp", params={**params, **common}, **common,
+    )
+
+
+def _cld(beta=4.0, m_inv=4.0, friction=None, gamma_v=0.04, T=1.0, **common):
+    if m_inv <= 0:
+        raise ValueError(f"cld needs m_inv (inverse mass) > 0, got {m_inv}")
+    if gamma_v < 0:
+        raise ValueError(f"cld needs gamma_v (initial velocity variance factor) >= 0, got {gamma_v}")
+    if friction is None:
+        friction = 2.0 / math.sqrt(m_inv)  # critical damping: Gamma^2 = 4 M
+    if friction <= 0:
+        raise ValueError(f"cld needs friction > 0, got {friction}")
+    F = [[0.0, m_inv], [-1.0, -friction * m_inv]]
+    params = dict(beta=beta, m_inv=m_inv, friction=friction, gamma_v=gamma_v, T=T)
+    return LinearSDE(
+        F, math.sqrt(2.0 * friction), aux_var=[gamma_v / m_inv], T=T, beta0=beta, beta1=0.0,
+        name="cld", params={**params, **common}, **common,
+    )
+
+
+def _hold(order=3, couplings=None, xi=None, L_inv=0.5, alpha=0.08, T=5.0, beta=1.0, **common):
+    if int(order) != order or order < 1:
+        raise ValueError(f"hold needs an integer order >= 1, got {order}")
+    order = int(order)
+    if couplings is None and xi is None and order >= 2:
+        couplings, xi = critical_hold_couplings(order)
+    elif couplings is None and order >= 2:
+        couplings = critical_hold_couplings(order)[0]
+    elif xi is None:
+        xi = critical_hold_couplings(order)[1] if order >= 2 else 1.0
+    couplings = [float(c) for c in (couplings or [])]
+    if len(couplings) != order - 1:
+        raise ValueError(f"hold of order {order} needs {order - 1} couplings, got {len(couplings)}")
+    if any(c <= 0 for c in couplings) or xi <= 0:
+        raise ValueError(f"hold couplings and xi must be positive, got {couplings}, xi={xi}")
+    if L_inv <= 0:
+        raise ValueError(f"hold needs L_inv (stationary variance) > 0, got {L_inv}")
+    if alpha < 0:
+        raise ValueError(f"hold needs alpha (auxiliary start variance factor) >= 0, got {alpha}")
+    params = dict(order=order, couplings=couplings, xi=float(xi), L_inv=L_inv, alpha=alpha, T=T, beta=beta)
+    return LinearSDE(
+        hold_drift(couplings, xi), math.sqrt(2.0 * xi * L_inv), aux_var=[alpha * L_inv] * (order - 1),
+        T=T, beta0=beta, beta1=0.0, name="hold", params={**params, **common}, **common,
+    )
+
+
+_PRESETS = {"vp": _vp, "cld": _cld, "hold": _hold}
+_COMMON = ("eps_sample", "eps_loss", "numerical_eps", "mixed_data_var")
+
+
+def get_sde(name: str, **overrides) -> LinearSDE:
+    """Build a preset SDE: "vp" (order 1), "cld" (order 2) or "hold" (order n, default 3).
+
+    Overrides: vp(beta_min, beta_max, T); cld(beta, m_inv, friction, gamma_v, T);
+    hold(order, couplings, xi, L_inv, alpha, T, beta); and for all: eps_sample, eps_loss,
+    numerical_eps, mixed_data_var.
+    """
+    key = str(name).lower()
+    if key not in _PRESETS:
+        raise ValueError(f"unknown SDE {name!r}; choose one of {', '.join(SDE_NAMES)}")
+    import inspect
+
+    allowed = set(inspect.signature(_PRESETS[key]).parameters) - {"common"} | set(_COMMON)
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for SDE {key!r}; allowed: {sorted(allowed)}")
+    return _PRESETS[key](**overrides)
