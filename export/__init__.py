@@ -1,0 +1,9 @@
+"""hold_export: the way off the Mac (installed as ``hold_export``; this folder is ``export/``).
+
+- ``torch_nets``   the score networks in PyTorch, mirroring ``hold_mlx.nets``
+- ``layout``       the explicit two-way key/layout map between MLX and torch tensors
+- ``torch_model``  loading a checkpoint into torch and scoring for the shared samplers
+- ``torch_train``  the torch backend of the shared training loop (CUDA, AMP, DDP)
+
+Nothing here is imported by ``hold_mlx`` unless a torch or ONNX path is asked for.
+"""

@@ -24,7 +24,7 @@ import numpy as np
 __all__ = [
     "FORMAT_VERSION", "LAYOUT", "MODEL_FILE", "STATE_FILE", "CheckpointError", "atomic_write",
     "write_tensors", "read_tensors", "read_config", "resolve_model_file", "validate_config",
-    "load", "save", "default_checkpoint",
+    "load", "save", "default_checkpoint", "make_config", "sde_from_config",
 ]
 
 FORMAT_VERSION = 1
@@ -122,6 +122,41 @@ def validate_config(config: dict, path="checkpoint") -> dict:
     if config["layout"] != LAYOUT:
         raise CheckpointError(f"{path}: tensor layout {config['layout']!r}, expected {LAYOUT!r}")
     return config
+
+
+def make_config(sde, net, data: dict, *, mixed_score: bool = True, weighting: str = "eps",
+                extra: dict | None = None) -> dict:
+    """The JSON config every checkpoint carries: format, layout, SDE, network, data, objective."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "layout": LAYOUT,
+        "sde": sde.to_config(),
+        "net": net.to_dict(),
+        "data": dict(data),
+        "objective": {"output": "alpha", "mixed_score": bool(mixed_score), "weighting": weighting},
+        **(extra or {}),
+    }
+
+
+def sde_from_config(config: dict, path="checkpoint"):
+    """The SDE a checkpoint was trained with."""
+    from .sde import get_sde
+
+    sde_cfg = dict(config["sde"])
+    try:
+        return get_sde(sde_cfg.pop("name"), **sde_cfg)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: invalid SDE config in the checkpoint ({err})") from err
+
+
+def net_config_from(config: dict, path="checkpoint"):
+    """The NetConfig a checkpoint was trained with."""
+    from .netconfig import NetConfig
+
+    try:
+        return NetConfig.from_dict(config["net"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: invalid network config in the checkpoint ({err})") from err
 
 
 def resolve_model_file(path) -> Path:

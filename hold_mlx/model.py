@@ -5,36 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from ._mlx import mx
-from .checkpoint import (FORMAT_VERSION, LAYOUT, CheckpointError, default_checkpoint, read_tensors,
-                         resolve_model_file, write_tensors)
-from .nets import NetConfig, build_net
+from .checkpoint import (CheckpointError, default_checkpoint, net_config_from, read_tensors,
+                         resolve_model_file, sde_from_config, write_tensors)
+from .nets import build_net
 from .objective import score_scale
-from .sde import LinearSDE, get_sde
+from .sde import LinearSDE
 
-__all__ = ["ScoreModel", "make_config", "sde_from_config", "load_model", "save_model",
-           "flat_params", "set_flat_params"]
-
-
-def make_config(sde: LinearSDE, net: NetConfig, data: dict, *, mixed_score: bool = True,
-                weighting: str = "eps", extra: dict | None = None) -> dict:
-    """The JSON config every checkpoint carries (DESIGN.md principle 3)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "layout": LAYOUT,
-        "sde": sde.to_config(),
-        "net": net.to_dict(),
-        "data": dict(data),
-        "objective": {"output": "alpha", "mixed_score": bool(mixed_score), "weighting": weighting},
-        **(extra or {}),
-    }
-
-
-def sde_from_config(config: dict) -> LinearSDE:
-    sde_cfg = config["sde"]
-    try:
-        return get_sde(sde_cfg["name"], **sde_cfg.get("params", {}))
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"checkpoint has an invalid SDE config: {err}") from err
+__all__ = ["ScoreModel", "load_model", "save_model", "flat_params", "set_flat_params"]
 
 
 def flat_params(tree) -> dict[str, np.ndarray]:
@@ -61,7 +38,8 @@ def set_flat_params(net, tensors: dict[str, np.ndarray], source="checkpoint") ->
 
 
 class ScoreModel:
-    """score(u, t) = -alpha(u, t) / ell_t - u_n / Sigma^mix_nn(t) (the mixed term if enabled)."""
+    """score(u, t) = a(t) alpha(u, t) + b(t) u_n with a = -1/ell_t, b = -1/Sigma^mix_nn (0 if the
+    model was trained without the mixed score); see ``objective.score_scale``."""
 
     def __init__(self, net, sde: LinearSDE, config: dict):
         self.net, self.sde, self.config = net, sde, config
@@ -72,29 +50,21 @@ class ScoreModel:
     def data_shape(self) -> tuple[int, ...]:
         return tuple(self.config["data"]["shape"])
 
-    def alpha(self, u, t):
-        return self.net(u, t)
-
     def __call__(self, u, t):
         a, b = score_scale(self.sde, np.array(t), mixed_score=self.mixed_score)
         shape = (-1,) + (1,) * (u.ndim - 1)
-        alpha = self.net(u, t)
-        score = mx.array(a.astype(np.float32)).reshape(shape) * alpha
+        score = mx.array(a.astype(np.float32)).reshape(shape) * self.net(u, t)
         if self.mixed_score:
-            u_last = u[..., -self.data_channels:]
-            score = score + mx.array(b.astype(np.float32)).reshape(shape) * u_last
+            score = score + mx.array(b.astype(np.float32)).reshape(shape) * u[..., -self.data_channels:]
         return score
 
 
 def load_model(path=None) -> tuple[ScoreModel, LinearSDE, dict]:
+    """(model, sde, config) from a run folder or .safetensors file (default: the shipped model)."""
     path = resolve_model_file(path if path is not None else default_checkpoint())
     tensors, config = read_tensors(path)
-    sde = sde_from_config(config)
-    try:
-        net_cfg = NetConfig.from_dict(config["net"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: invalid network config: {err}") from err
-    net = build_net(net_cfg)
+    sde = sde_from_config(config, path)
+    net = build_net(net_config_from(config, path))
     set_flat_params(net, tensors, source=str(path))
     net.eval()
     return ScoreModel(net, sde, config), sde, config

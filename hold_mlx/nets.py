@@ -9,79 +9,11 @@ O,I,kH,kW). Change a name here and you change the checkpoint format.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
 
 from ._mlx import mx, nn
+from .netconfig import NET_PRESETS, NetConfig, net_preset
 
 __all__ = ["NetConfig", "NET_PRESETS", "net_preset", "build_net", "UNet", "MLP", "count_params"]
-
-
-@dataclass
-class NetConfig:
-    """Hyperparameters of a score network; stored in every checkpoint."""
-
-    kind: str = "unet"  # "unet" | "mlp"
-    data_channels: int = 1  # C: channels of one block (image) or d (points)
-    order: int = 3  # n: the network sees n * C input channels
-    image_size: int = 28
-    channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 1
-    attn_resolutions: tuple[int, ...] = ()
-    dropout: float = 0.0
-    groups: int = 8
-    fourier_scale: float = 16.0
-    hidden: int = 256  # MLP width
-    depth: int = 4  # MLP hidden layers
-
-    def __post_init__(self):
-        self.channel_mult = tuple(int(c) for c in self.channel_mult)
-        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
-        if self.kind not in ("unet", "mlp"):
-            raise ValueError(f"unknown network kind {self.kind!r}; choose unet or mlp")
-        if self.kind == "unet":
-            down = 2 ** (len(self.channel_mult) - 1)
-            if self.image_size % down:
-                raise ValueError(
-                    f"image_size {self.image_size} must be divisible by {down} "
-                    f"(channel_mult {self.channel_mult} has {len(self.channel_mult) - 1} downsamplings)"
-                )
-            for c in (self.channels * m for m in self.channel_mult):
-                if c % self.groups:
-                    raise ValueError(f"{c} channels are not divisible into {self.groups} GroupNorm groups")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        d["attn_resolutions"] = list(self.attn_resolutions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "NetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown network config key(s) {unknown}")
-        return cls(**d)
-
-
-#: Presets sized for their data. "cifar10" is CLD-SGM's published NCSN++ width/depth pattern
-#: reduced to DDPM++ blocks (128 ch, 1,2,2,2, attention at 16^2, dropout 0.1).
-NET_PRESETS: dict[str, dict] = {
-    "tiny": dict(kind="unet", channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), groups=4),
-    "digits": dict(kind="unet", channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
-    "fashion-mnist": dict(kind="unet", channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,)),
-    "cifar10": dict(kind="unet", channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                    attn_resolutions=(16,), dropout=0.1, groups=32),
-    "mlp": dict(kind="mlp", hidden=256, depth=4),
-    "mlp-tiny": dict(kind="mlp", hidden=64, depth=2),
-}
-
-
-def net_preset(name: str, **overrides) -> NetConfig:
-    if name not in NET_PRESETS:
-        raise ValueError(f"unknown network preset {name!r}; choose one of {', '.join(NET_PRESETS)}")
-    return NetConfig(**{**NET_PRESETS[name], **overrides})
 
 
 # ----------------------------------------------------------------------------- building blocks
