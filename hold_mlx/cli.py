@@ -335,4 +335,4 @@ def doctor():
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="hold-mlx")

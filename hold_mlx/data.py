@@ -70,11 +70,11 @@ class Dataset:
         epoch, pos = divmod(step, per_epoch)
         perm = np.random.default_rng([seed, epoch, 7]).permutation(n)
         idx = np.resize(perm, (pos + 1) * batch_size)[pos * batch_size:(pos + 1) * batch_size]
-        idx = np.array_split(idx, world)[rank]
-        x = self.data[idx]
+        flip = np.random.default_rng([seed, step, 11]).random(batch_size) < 0.5  # drawn for the global batch
+        mine = np.array_split(np.arange(batch_size), world)[rank]
+        x = self.data[idx[mine]]
         if hflip and self.kind == "image":
-            flip = np.random.default_rng([seed, step, 11]).random(len(idx)) < 0.5
-            x = np.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
+            x = np.where(flip[mine, None, None, None], x[:, :, ::-1, :], x)
         return np.ascontiguousarray(x)
 
     def to_user(self, x: np.ndarray) -> np.ndarray:

@@ -28,14 +28,19 @@ def _noise_key(seed: tuple[int, int]):
     return mx.array(bits)
 
 
-def score_matching_loss(model, n: int, x0, key, t, mean, chol, mixed, weight):
-    """Block-coordinate score matching on the last block (objective.py), MLX arrays."""
+def score_matching_loss(model, n: int, x0, key, t, mean, chol, mixed, weight, rows=None, global_batch=None):
+    """Block-coordinate score matching on the last block (objective.py), MLX arrays.
+
+    The noise is drawn for the global batch and this rank's ``rows`` are kept, so data-parallel
+    training sees exactly the numbers one process would.
+    """
     shape = (-1,) + (1,) * (x0.ndim - 1)
 
     def per_sample(col):
         return col.reshape(shape)
 
-    eps = mx.random.normal((n,) + x0.shape, key=key)
+    lo, hi = rows if rows is not None else (0, x0.shape[0])
+    eps = mx.random.normal((n, global_batch or x0.shape[0]) + x0.shape[1:], key=key)[:, lo:hi]
     blocks = perturb(x0, [eps[i] for i in range(n)], mean, chol, per_sample)
     u = blocks[0] if n == 1 else mx.concatenate(blocks, axis=-1)
     r = residual(model(u, t), blocks[-1], eps[-1], mixed, per_sample)
@@ -56,6 +61,8 @@ class Trainer(TrainerBase):
         return self.group.rank(), self.group.size()
 
     def _backend_build(self):
+        mine = np.array_split(np.arange(self.cfg.batch_size), self.world)[self.rank]
+        self._rows = ((int(mine[0]), int(mine[-1]) + 1), self.cfg.batch_size)  # static: part of the compiled step
         mx.random.seed(self.cfg.seed)
         self.net = build_net(self.net_cfg)
         mx.eval(self.net.parameters())
@@ -69,7 +76,8 @@ class Trainer(TrainerBase):
     def _make_step(self):
         net, opt, cfg, n = self.net, self.optimizer, self.cfg, self.sde.order
         group = self.group if self.world > 1 else None
-        grad_fn = nn.value_and_grad(net, lambda model, *args: score_matching_loss(model, n, *args))
+        rows, global_batch = self._rows
+        grad_fn = nn.value_and_grad(net, lambda model, *args: score_matching_loss(model, n, *args, rows, global_batch))
         state = [net.state, opt.state, self.ema]
 
         def step(x0, key, t, mean, chol, mixed, weight):

@@ -117,6 +117,8 @@ class Batch:
     weight: np.ndarray  # (b,)
     noise_seed: tuple[int, int]  # (seed, step): keys the Gaussian noise of the step
     lr: float
+    rows: tuple[int, int]  # this rank's rows [lo, hi) of the global batch
+    global_batch: int  # noise is drawn for the global batch and sliced, so N ranks train like 1
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -238,11 +240,12 @@ class TrainerBase:
     def batch(self, step: int) -> Batch:
         cfg = self.cfg
         x0 = self.data.batch(step, cfg.batch_size, cfg.seed, rank=self.rank, world=self.world, hflip=cfg.hflip)
-        t = sample_times(self.sde, np.random.default_rng([cfg.seed, step, 5]), cfg.batch_size)
-        t = np.array_split(t, self.world)[self.rank]
+        mine = np.array_split(np.arange(cfg.batch_size), self.world)[self.rank]
+        t = sample_times(self.sde, np.random.default_rng([cfg.seed, step, 5]), cfg.batch_size)[mine]
         c: Coefficients = objective_coefficients(self.sde, t, mixed_score=cfg.mixed_score, weighting=cfg.weighting)
         f = c.as_float32()
-        return Batch(x0, f["t"], f["mean"], f["chol"], f["mixed"], f["weight"], (cfg.seed, step), lr_at(cfg, step))
+        return Batch(x0, f["t"], f["mean"], f["chol"], f["mixed"], f["weight"], (cfg.seed, step), lr_at(cfg, step),
+                     (int(mine[0]), int(mine[-1]) + 1), cfg.batch_size)
 
     def run(self, preview: Callable | None = None) -> Iterator[StepInfo]:
         """Train up to cfg.steps, yielding StepInfo; saves every save_every steps, at the end and on
