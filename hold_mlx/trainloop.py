@@ -24,8 +24,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, make_config, read_config, read_tensors,
-                         write_tensors)
+from .checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, atomic_write, make_config, read_config,
+                         read_tensors, write_tensors)
 from .data import Dataset, load_dataset
 from .netconfig import NetConfig, net_preset
 from .objective import Coefficients, objective_coefficients, sample_times
@@ -148,6 +148,8 @@ class TrainerBase:
         self.sde: LinearSDE = get_sde(config.sde, **config.sde_params)
         self.net_cfg = self._net_config()
         self.step = 0
+        self.train_seconds = 0.0  # wall time spent in steps, summed over every session of the run
+        self._since_save: list[float] = []  # losses since the last save, for log.jsonl
         self.interrupted = False
         self.model_config = make_config(
             self.sde, self.net_cfg, self.data.config(), mixed_score=config.mixed_score,
@@ -222,6 +224,7 @@ class TrainerBase:
         except KeyError as err:
             raise CheckpointError(f"{path}: train state lacks {err}; it is not a hold-mlx run folder") from err
         self.step = int(config["step"])
+        self.train_seconds = float(config.get("train_seconds", 0.0))
 
     def save(self) -> None:
         """Write train_state, then model (both atomic), rank 0 only: the model file never runs
@@ -229,11 +232,17 @@ class TrainerBase:
         if self.rank != 0:
             return
         state = self._backend_state()
-        config = {**self.model_config, "step": self.step}
+        config = {**self.model_config, "step": self.step, "train_seconds": round(self.train_seconds, 3)}
         write_tensors(self.out / STATE_FILE, state, config)
         ema = {k[len("ema/"):]: v for k, v in state.items() if k.startswith("ema/")}
         write_tensors(self.out / MODEL_FILE, ema, config)
-        (self.out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write(self.out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        if self._since_save:  # one line per save: the loss curve of the run
+            record = {"step": self.step, "loss": float(np.mean(self._since_save)),
+                      "train_seconds": round(self.train_seconds, 3), "time": time.time()}
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._since_save = []
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -265,7 +274,10 @@ class TrainerBase:
                         f"loss is {value} at step {self.step + 1}; {self.out} keeps the checkpoint of step "
                         f"{last_good}. Lower --lr or raise --warmup, then resume")
                 self.step += 1
-                info = StepInfo(self.step, value, batch.lr, cfg.batch_size / max(time.perf_counter() - start, 1e-9))
+                elapsed = time.perf_counter() - start
+                self.train_seconds += elapsed
+                self._since_save.append(value)
+                info = StepInfo(self.step, value, batch.lr, cfg.batch_size / max(elapsed, 1e-9))
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
                     last_good = self.step

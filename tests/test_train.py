@@ -187,6 +187,9 @@ def test_run_folder_contents(tiny_run):
     tensors, _ = read_tensors(tiny_run / STATE_FILE)
     assert any(k.startswith("adam_m/") for k in tensors) and "adam_step" in tensors
     assert not list(tiny_run.glob(".*.tmp")), "temporary files left behind"
+    log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4] and all(np.isfinite(r["loss"]) for r in log)
+    assert 0 < log[0]["train_seconds"] <= log[1]["train_seconds"] == config["train_seconds"]
 
 
 @pytest.mark.slow
