@@ -17,11 +17,13 @@ SHIP_STEPS=${SHIP_STEPS:-30000}
 common=(--dataset fashion-mnist --net fashion-mnist --batch-size 64 --lr 5e-4 --warmup 500
         --ema-decay 0.999 --save-every 250 --sample-every 2000 --seed 0 --backend "$BACKEND" --device "$DEVICE")
 
+stage() { echo "[$(date -u +%FT%TZ)] $*"; "$@"; }
 for sde in hold cld vp; do
-  hold-mlx train "${common[@]}" --sde "$sde" --steps "$COMPARE_STEPS" --out "$RUNS/fmnist-$sde"
+  stage hold-mlx train "${common[@]}" --sde "$sde" --steps "$COMPARE_STEPS" --out "$RUNS/fmnist-$sde"
 done
 if [ ! -d "$RUNS/fmnist-hold-$COMPARE_STEPS" ]; then
   cp -r "$RUNS/fmnist-hold" "$RUNS/fmnist-hold-$COMPARE_STEPS.tmp"
   mv "$RUNS/fmnist-hold-$COMPARE_STEPS.tmp" "$RUNS/fmnist-hold-$COMPARE_STEPS"
 fi
-hold-mlx train --out "$RUNS/fmnist-hold" --steps "$SHIP_STEPS"
+stage hold-mlx train --out "$RUNS/fmnist-hold" --steps "$SHIP_STEPS"
+echo "[$(date -u +%FT%TZ)] done"
