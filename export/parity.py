@@ -8,6 +8,8 @@ needs torch only; :func:`network_parity` also needs MLX.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -17,8 +19,20 @@ from hold_mlx.netconfig import NetConfig
 from .torch_model import apply_channels_last, checkpoint_tensors, load_weights
 from .torch_nets import build_net
 
-__all__ = ["random_checkpoint_tensors", "random_checkpoint_config", "network_inputs", "torch_alpha",
-           "mlx_alpha", "network_parity", "weight_gap_in_steps"]
+__all__ = ["one_torch_thread", "random_checkpoint_tensors", "random_checkpoint_config", "network_inputs", "torch_alpha",
+           "mlx_alpha", "network_parity", "weight_gap_in_steps", "differing_tensors"]
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one CPU thread inside the block: tiny test models run fastest so, and on a busy
+    machine OpenMP's spin-waiting threads slow them down by orders of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def random_checkpoint_tensors(cfg: NetConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -105,3 +119,8 @@ def weight_gap_in_steps(a: dict[str, np.ndarray], b: dict[str, np.ndarray], lr: 
     fraction of a step. The percentile is the sharp test; the max only bounds those elements."""
     gaps = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a if k.startswith(prefixes)]) / lr
     return float(np.percentile(gaps, 99)), float(gaps.max())
+
+
+def differing_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]:
+    """Keys present on one side only or whose tensors are not bitwise equal (sorted)."""
+    return sorted(set(a) ^ set(b) | {k for k in set(a) & set(b) if not np.array_equal(a[k], b[k])})

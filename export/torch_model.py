@@ -74,18 +74,23 @@ def apply_channels_last(net: torch.nn.Module, u, t, *, memory_format=torch.chann
 class TorchScoreModel:
     """score(u, t) for u (B, ..., n*C) channels-last torch tensors and t (B,); see hold_mlx.model."""
 
-    def __init__(self, net: torch.nn.Module, sde: LinearSDE, config: dict):
+    def __init__(self, net: torch.nn.Module, sde: LinearSDE, config: dict, *, amp_dtype=None):
         self.net, self.sde, self.config = net, sde, config
         self.mixed_score = bool(config["objective"].get("mixed_score", True))
         self.data_channels = int(config["net"]["data_channels"])
+        # e.g. torch.bfloat16 on CUDA: the network autocast, its time embedding, the score and the
+        # sampler in fp32 (None: fp32 throughout, the setting the parity tests hold to MLX)
+        self.amp_dtype = amp_dtype
 
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
     def alpha(self, u, t):
-        """The network output, channels-last like u."""
-        return apply_channels_last(self.net, u, t)
+        """The network output, channels-last like u, in u's dtype."""
+        with torch.autocast(device_type=u.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            return apply_channels_last(self.net, u, t).to(u.dtype)
 
     @torch.no_grad()
     def __call__(self, u, t):

@@ -115,8 +115,10 @@ class TorchTrainer(TrainerBase):
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            # broadcast_buffers=False: the only buffer (the Fourier frequencies) never changes
             self.model = DistributedDataParallel(
-                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         if cfg.compile and self.device.type == "cuda":
             self.model = torch.compile(self.model)
 

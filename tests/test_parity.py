@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
 
-from hold_export.parity import random_checkpoint_config, random_checkpoint_tensors, weight_gap_in_steps  # noqa: E402
+from hold_export.parity import (differing_tensors, one_torch_thread, random_checkpoint_config,  # noqa: E402
+                                random_checkpoint_tensors, weight_gap_in_steps)
 from hold_export.torch_train import TorchTrainer  # noqa: E402
 from hold_mlx.checkpoint import MODEL_FILE, STATE_FILE, read_config, read_tensors, write_tensors  # noqa: E402
 from hold_mlx.cli import main  # noqa: E402
@@ -33,10 +34,8 @@ RUN = dict(dataset="digits", net="tiny", batch_size=8, lr=1e-2, warmup=0, ema_de
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +100,6 @@ def _state(out):
     return read_tensors(out / STATE_FILE)[0]
 
 
-def _assert_same_state(saved: dict, live: dict):
-    assert set(saved) == set(live)
-    assert all(np.array_equal(saved[k], live[k]) for k in saved), [k for k in saved if not np.array_equal(saved[k], live[k])][:5]
-
-
 @pytest.mark.parametrize("first,second", [("mlx", "torch"), ("torch", "mlx")], ids=["mlx-to-torch", "torch-to-mlx"])
 def test_run_folder_moves_between_backends(tmp_path, digits, first, second):
     """Train 2 steps on one backend; the other resumes at step 2 with exactly the saved weights,
@@ -119,7 +113,7 @@ def test_run_folder_moves_between_backends(tmp_path, digits, first, second):
 
     resumed = classes[second](TrainConfig(**{**RUN, "steps": 4, "backend": second}), tmp_path / "b", dataset=digits)
     assert resumed.step == 2
-    _assert_same_state(saved, resumed._backend_state())
+    assert differing_tensors(saved, resumed._backend_state()) == []
     losses_second = [info.loss for info in resumed.run()]
     _, start, losses_first = _train(classes[first], tmp_path / "a", digits, 4, first)
     assert start == 2 and len(losses_first) == len(losses_second) == 2

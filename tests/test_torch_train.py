@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
 
-from hold_export.parity import random_checkpoint_config, random_checkpoint_tensors, weight_gap_in_steps  # noqa: E402
+from hold_export.parity import (differing_tensors, one_torch_thread, random_checkpoint_config,  # noqa: E402
+                                random_checkpoint_tensors, weight_gap_in_steps)
 from hold_export.torch_model import load_weights  # noqa: E402
 from hold_export.torch_nets import build_net  # noqa: E402
 from hold_export.torch_train import TorchTrainer, score_matching_loss  # noqa: E402
@@ -38,11 +39,8 @@ TINY = dict(dataset="digits", net="tiny", net_params={"dropout": 0.1}, batch_siz
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes OpenMP spin-waits ruinous."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +59,6 @@ def _state(out) -> dict[str, np.ndarray]:
     return read_tensors(Path(out) / STATE_FILE)[0]
 
 
-def _assert_bitwise(a: dict, b: dict):
-    assert set(a) == set(b)
-    different = [k for k in a if not np.array_equal(a[k], b[k])]
-    assert not different, different[:5]
-
-
 def test_resume_repeats_the_uninterrupted_run_bitwise(tmp_path, digits):
     _run(tmp_path / "full", digits, steps=4)
     first = _run(tmp_path / "split", digits, steps=2)
@@ -75,7 +67,7 @@ def test_resume_repeats_the_uninterrupted_run_bitwise(tmp_path, digits):
     assert resumed.step == 2
     for _ in resumed.run():
         pass
-    _assert_bitwise(_state(tmp_path / "full"), _state(tmp_path / "split"))
+    assert differing_tensors(_state(tmp_path / "full"), _state(tmp_path / "split")) == []
     assert read_config(tmp_path / "split" / STATE_FILE)["step"] == 4
     raw = _state(tmp_path / "full")
     assert not np.array_equal(raw["raw/conv_out.weight"], 0 * raw["raw/conv_out.weight"])  # it trained
@@ -107,7 +99,7 @@ def test_kill_and_resume_repeats_the_uninterrupted_run_bitwise(tmp_path, digits)
     assert done.returncode == 0, done.stderr
     assert f"resuming at step {stopped_at}" in done.stdout
     _run(tmp_path / "full", digits, steps=steps, save_every=1)
-    _assert_bitwise(_state(tmp_path / "full"), _state(killed))
+    assert differing_tensors(_state(tmp_path / "full"), _state(killed)) == []
 
 
 def _loss_inputs(digits, batch=6, seed=0):
@@ -251,7 +243,7 @@ def test_cuda_resume_continues_from_a_cpu_run(tmp_path, digits):
                            dataset=digits)
     assert trainer.step == 2
     before = _state(tmp_path / "run")
-    _assert_bitwise(before, trainer._backend_state())
+    assert differing_tensors(before, trainer._backend_state()) == []
     for _ in trainer.run():
         pass
     assert read_config(tmp_path / "run" / STATE_FILE)["step"] == 3
