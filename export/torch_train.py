@@ -115,10 +115,8 @@ class TorchTrainer(TrainerBase):
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            # broadcast_buffers=False: the only buffer (the Fourier frequencies) never changes
             self.model = DistributedDataParallel(
-                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile and self.device.type == "cuda":
             self.model = torch.compile(self.model)
 
