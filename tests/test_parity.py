@@ -14,33 +14,22 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
 
-from hold_export.parity import (differing_tensors, one_torch_thread, random_checkpoint_config,  # noqa: E402
+from hold_export.parity import (differing_tensors, random_checkpoint_config,  # noqa: E402
                                 random_checkpoint_tensors, weight_gap_in_steps)
 from hold_export.torch_train import TorchTrainer  # noqa: E402
 from hold_mlx.checkpoint import MODEL_FILE, STATE_FILE, read_config, read_tensors, write_tensors  # noqa: E402
 from hold_mlx.cli import main  # noqa: E402
-from hold_mlx.data import load_dataset  # noqa: E402
 from hold_mlx.netconfig import net_preset  # noqa: E402
 from hold_mlx.runtime import draw_samples, load_runtime  # noqa: E402
 from hold_mlx.sde import get_sde  # noqa: E402
 from hold_mlx.train import Trainer as MLXTrainer  # noqa: E402
 from hold_mlx.trainloop import TrainConfig  # noqa: E402
+from torch_fixtures import digits, one_thread  # noqa: E402,F401
 
 # tiny U-Net on 8x8 digits, no dropout (the two backends draw dropout masks differently); a large
-# step size and no EMA averaging so that a few steps move every weight well away from its init
+# step size and a short EMA so that a few steps move every weight well away from its init
 RUN = dict(dataset="digits", net="tiny", batch_size=8, lr=1e-2, warmup=0, ema_decay=0.5, sde="hold", compile=False,
            save_every=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _samples(checkpoint, backend, **options):

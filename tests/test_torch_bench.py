@@ -10,14 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from hold_export.flops import TRAIN_FACTOR, counted_flops, forward_flops  # noqa: E402
-from hold_export.parity import one_torch_thread  # noqa: E402
 from hold_mlx.netconfig import NetConfig, net_preset  # noqa: E402
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
-
+from torch_fixtures import one_thread  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parent.parent
 

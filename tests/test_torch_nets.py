@@ -9,18 +9,13 @@ torch = pytest.importorskip("torch")
 
 from hold_export.layout import (TO_CHECKPOINT, TO_TORCH, checkpoint_to_torch, conv_weight_keys,  # noqa: E402
                                 torch_to_checkpoint)
-from hold_export.parity import (mlx_alpha, network_inputs, one_torch_thread, random_checkpoint_tensors,  # noqa: E402
+from hold_export.parity import (mlx_alpha, network_inputs, random_checkpoint_tensors,  # noqa: E402
                                 torch_alpha)
 from hold_export.torch_model import load_weights  # noqa: E402
 from hold_export.torch_nets import build_net  # noqa: E402
 from hold_mlx.checkpoint import CheckpointError  # noqa: E402
 from hold_mlx.netconfig import NetConfig, net_preset  # noqa: E402
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
-
+from torch_fixtures import one_thread  # noqa: E402,F401
 
 # Attention (at 4x4), GroupNorm, 1x1 skip convs (16 -> 32 channels), down/up sampling, dropout
 # (inactive in eval). order 3 x 1 channel = 3 input channels: conv_in's weight is (16, 3, 3, 3) in

@@ -16,18 +16,18 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
 
-from hold_export.parity import (differing_tensors, one_torch_thread, random_checkpoint_config,  # noqa: E402
+from hold_export.parity import (differing_tensors, random_checkpoint_config,  # noqa: E402
                                 random_checkpoint_tensors, weight_gap_in_steps)
 from hold_export.torch_model import load_weights  # noqa: E402
 from hold_export.torch_nets import build_net  # noqa: E402
 from hold_export.torch_train import TorchTrainer, score_matching_loss  # noqa: E402
 from hold_mlx.checkpoint import STATE_FILE, read_config, read_tensors, write_tensors  # noqa: E402
 from hold_mlx.cli import main  # noqa: E402
-from hold_mlx.data import load_dataset  # noqa: E402
 from hold_mlx.netconfig import net_preset  # noqa: E402
 from hold_mlx.objective import objective_coefficients  # noqa: E402
 from hold_mlx.sde import get_sde  # noqa: E402
 from hold_mlx.trainloop import TrainConfig  # noqa: E402
+from torch_fixtures import digits, one_thread  # noqa: E402,F401
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown without CUDA")
@@ -35,17 +35,6 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 # digits (8x8) on the tiny U-Net, with dropout so that resuming must also repeat the dropout masks
 TINY = dict(dataset="digits", net="tiny", net_params={"dropout": 0.1}, batch_size=8, lr=2e-3, warmup=2,
             sde="hold", backend="torch", compile=False, save_every=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _run(out, digits, steps, **overrides) -> TorchTrainer:
