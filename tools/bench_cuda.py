@@ -72,6 +72,11 @@ def peak_tflops(name: str, override: float | None) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key.lower() in name.lower()), None)
 
 
+def rate(x: float) -> str:
+    """Thousands separators for big rates, three significant digits for small ones."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -225,10 +230,12 @@ def main(argv=None) -> int:
         data = synthetic_images(cfg.image_size, cfg.data_channels)
         for label, amp, channels_last, compile_ in variants:
             warmup = 3 if compile_ else 1
-            rate, memory = bench_train(preset, data, device, batch, train_steps, warmup, amp, channels_last, compile_)
-            achieved = rate * train_flops / 1e12
-            emit(f"| {preset} | {label} | {rate:,.0f} | {f'{memory:.2f} GiB' if memory is not None else 'n/a'} | "
-                 f"{achieved:.3g} | {f'{100 * achieved / peak:.1f}%' if peak else 'n/a'} |")
+            images_per_s, memory = bench_train(preset, data, device, batch, train_steps, warmup, amp, channels_last,
+                                               compile_)
+            achieved = images_per_s * train_flops / 1e12
+            memory_text = f"{memory:.2f} GiB" if memory is not None else "n/a"
+            fraction = f"{100 * achieved / peak:.1f}%" if peak else "n/a"
+            emit(f"| {preset} | {label} | {rate(images_per_s)} | {memory_text} | {achieved:.3g} | {fraction} |")
 
     emit()
     scaled = "" if sample_steps == 100 else f" (timed over {sample_steps} steps, scaled to 100)"
@@ -236,9 +243,9 @@ def main(argv=None) -> int:
     emit("|---|---|---|")
     for preset, (cfg, _) in configs.items():
         for label, noise, amp_dtype, channels_last in sample_variants:
-            rate = bench_sample(cfg, sde, device, sample_batch, sample_steps, noise, amp_dtype, channels_last)
-            rate *= (sample_steps + 1) / 101  # 100 steps + 1 denoising call
-            emit(f"| {preset} | {label} | {rate:,.1f} |")
+            images_per_s = bench_sample(cfg, sde, device, sample_batch, sample_steps, noise, amp_dtype, channels_last)
+            images_per_s *= (sample_steps + 1) / 101  # 100 steps + 1 denoising call
+            emit(f"| {preset} | {label} | {rate(images_per_s)} |")
 
     if args.doc:
         write_section(Path(args.doc), "cuda" if cuda else "cpu", "\n".join(lines))
