@@ -154,3 +154,22 @@ def test_time_embedding_stays_fp32_under_autocast():
     assert low.dtype == torch.bfloat16
     err = (low.float() - ref).abs().max() / ref.abs().max()
     assert 1e-5 < err < 5e-2  # bf16 was really used, and it is still the same function
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_network_under_bf16_autocast():
+    """What CUDA training compiles, on the CPU (inductor needs a C++ compiler): the fp32 time
+    embedding inside bf16 autocast and the fused attention trace without error, and the compiled
+    network computes what eager does."""
+    from hold_export.torch_model import apply_channels_last
+
+    tensors = random_checkpoint_tensors(UNET, seed=11)
+    net = build_net(UNET).eval()
+    load_weights(net, tensors)
+    u, t = network_inputs(UNET, 4, seed=12)
+    u, t = torch.from_numpy(u), torch.from_numpy(t)
+    compiled = torch.compile(net)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = apply_channels_last(net, u, t).float()
+        out = apply_channels_last(compiled, u, t).float()
+    assert (out - eager).abs().max() <= 2e-2 * eager.abs().max()
