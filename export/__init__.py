@@ -4,6 +4,8 @@
 - ``layout``       the explicit two-way key/layout map between MLX and torch tensors
 - ``torch_model``  loading a checkpoint into torch and scoring for the shared samplers
 - ``torch_train``  the torch backend of the shared training loop (CUDA, AMP, DDP)
+- ``parity``       MLX <-> torch parity checks (random checkpoints, output comparison)
+- ``flops``        model FLOPs per image from a NetConfig (analytic, cross-checked by torch)
 
 Nothing here is imported by ``hold_mlx`` unless a torch or ONNX path is asked for.
 """

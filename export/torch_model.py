@@ -18,15 +18,23 @@ from hold_mlx.sde import LinearSDE
 from .layout import checkpoint_to_torch, conv_weight_keys, torch_to_checkpoint
 from .torch_nets import build_net
 
-__all__ = ["TorchScoreModel", "load_torch_model", "load_weights", "checkpoint_tensors", "resolve_device"]
+__all__ = ["TorchScoreModel", "load_torch_model", "load_weights", "checkpoint_tensors", "resolve_device",
+           "apply_channels_last"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """A torch device, with a clear error when CUDA is asked for but absent."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: this torch has no usable CUDA device "
-                           f"(torch {torch.__version__}); use --device cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device ({err}); use cpu or cuda") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise RuntimeError(f"--device cuda: no usable CUDA device (torch {torch.__version__}, {build}); "
+                               "use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 
@@ -52,24 +60,37 @@ def checkpoint_tensors(net: torch.nn.Module) -> dict[str, np.ndarray]:
     return torch_to_checkpoint(state, conv_weight_keys(net))
 
 
+def apply_channels_last(net: torch.nn.Module, u, t, *, memory_format=torch.channels_last):
+    """``net`` on channels-last data: u (B, H, W, n*C) -> alpha (B, H, W, C); points pass through.
+
+    The NCHW view of an NHWC tensor is exactly torch's channels_last memory format, so images go
+    in without a copy; ``memory_format=torch.contiguous_format`` copies them to plain NCHW first
+    (for a network whose weights are not channels_last)."""
+    if u.ndim != 4:
+        return net(u, t)
+    return net(u.permute(0, 3, 1, 2).contiguous(memory_format=memory_format), t).permute(0, 2, 3, 1)
+
+
 class TorchScoreModel:
     """score(u, t) for u (B, ..., n*C) channels-last torch tensors and t (B,); see hold_mlx.model."""
 
-    def __init__(self, net: torch.nn.Module, sde: LinearSDE, config: dict):
+    def __init__(self, net: torch.nn.Module, sde: LinearSDE, config: dict, *, amp_dtype=None):
         self.net, self.sde, self.config = net, sde, config
         self.mixed_score = bool(config["objective"].get("mixed_score", True))
         self.data_channels = int(config["net"]["data_channels"])
-        self.image = config["net"]["kind"] == "unet"
+        # e.g. torch.bfloat16 on CUDA: the network autocast, its time embedding, the score and the
+        # sampler in fp32 (None: fp32 throughout, the setting the parity tests hold to MLX)
+        self.amp_dtype = amp_dtype
 
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
     def alpha(self, u, t):
-        """The network output, channels-last like u."""
-        if self.image:
-            return self.net(u.permute(0, 3, 1, 2), t).permute(0, 2, 3, 1)
-        return self.net(u, t)
+        """The network output, channels-last like u, in u's dtype."""
+        with torch.autocast(device_type=u.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            return apply_channels_last(self.net, u, t).to(u.dtype)
 
     @torch.no_grad()
     def __call__(self, u, t):

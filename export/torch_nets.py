@@ -27,10 +27,18 @@ class FourierTime(nn.Module):
         self.register_buffer("W", torch.randn(dim // 2, generator=generator) * scale)
 
     def forward(self, t):
-        # In fp32 even under autocast: log t spans many decades and the phases are large.
+        proj = torch.log(t.float())[:, None] * self.W[None, :].float() * (2.0 * math.pi)
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+
+
+def fp32_time_embedding(embed, t):
+    """``embed(t)`` in fp32 even under autocast: log t spans decades, the Fourier phases are large
+    and the embedding is tiny next to the convolutions. Outside autocast (eager fp32, ONNX export)
+    no context manager is entered at all."""
+    if torch.is_autocast_enabled(t.device.type):
         with torch.autocast(device_type=t.device.type, enabled=False):
-            proj = torch.log(t.float())[:, None] * self.W[None, :].float() * (2.0 * math.pi)
-            return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+            return embed(t.float())
+    return embed(t)
 
 
 def _zero_init(layer):
@@ -73,9 +81,10 @@ class Attention(nn.Module):
     def forward(self, x, emb=None):
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C), the MLX NHWC order
-        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
-        weights = torch.softmax((q @ k.transpose(1, 2)) * (c ** -0.5), dim=-1)
-        out = self.proj(weights @ v).transpose(1, 2).reshape(b, c, h, w)
+        q, k, v = self.qkv(tokens)[:, None].chunk(3, dim=-1)  # (B, 1 head, HW, C) each
+        # softmax(q k^T / sqrt(C)) v with one head, by the fused kernel (flash / memory-efficient on CUDA)
+        out = self.proj(F.scaled_dot_product_attention(q, k, v)[:, 0])
+        out = out.transpose(1, 2).reshape(b, c, h, w)
         return (x + out) * (1.0 / math.sqrt(2.0))
 
 
@@ -147,8 +156,11 @@ class UNet(nn.Module):
         self.norm_out = _norm(c_cur, groups)
         self.conv_out = _zero_init(nn.Conv2d(c_cur, cfg.data_channels, 3, padding=1))
 
+    def embed_time(self, t):
+        return self.time_out(F.silu(self.time_in(self.time_features(t))))
+
     def forward(self, u, t):
-        emb = self.time_out(F.silu(self.time_in(self.time_features(t))))
+        emb = fp32_time_embedding(self.embed_time, t)
         h = self.conv_in(u)
         hs = [h]
         for layers in self.down:
@@ -179,8 +191,11 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(cfg.depth)])
         self.out = _zero_init(nn.Linear(width, cfg.data_channels))
 
+    def embed_time(self, t):
+        return self.time_in(self.time_features(t))
+
     def forward(self, u, t):
-        emb = self.time_in(self.time_features(t))
+        emb = fp32_time_embedding(self.embed_time, t)
         h = self.inp(u) + emb
         for layer in self.layers:
             h = h + layer(F.silu(h))

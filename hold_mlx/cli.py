@@ -232,7 +232,7 @@ def _preview(trainer, step: int) -> str:
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default="mlx", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="torch only.")
 @click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
-              help="torch on CUDA: mixed precision for the network.")
+              help="torch: mixed precision for the network (bf16 on CUDA or CPU; fp16 with loss scaling, CUDA).")
 @click.option("--channels-last", is_flag=True, help="torch: channels_last memory format.")
 @click.pass_context
 @friendly_errors
