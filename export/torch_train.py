@@ -89,6 +89,13 @@ class TorchTrainer(TrainerBase):
             atexit.register(_destroy_process_group)
         return dist.get_rank(), dist.get_world_size()
 
+    def _backend_any(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        flag_tensor = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(flag_tensor)
+        return bool(flag_tensor.item())
+
     def _backend_build(self):
         cfg = self.cfg
         if cfg.amp not in AMP_DTYPES:
@@ -132,9 +139,9 @@ class TorchTrainer(TrainerBase):
         """The step's N(0, 1) noise, (n, b, *data_shape) for this rank: drawn for the whole global
         batch from a generator keyed by (seed, step), then sliced like the data."""
         generator = torch.Generator(device=self.device).manual_seed(_seed(batch.noise_seed, 3))
-        full = torch.randn((self.sde.order, self.cfg.batch_size, *data_shape), generator=generator, device=self.device)
-        b = self.cfg.batch_size // self.world
-        return full[:, self.rank * b:(self.rank + 1) * b]
+        full = torch.randn((self.sde.order, batch.global_batch, *data_shape), generator=generator, device=self.device)
+        lo, hi = batch.rows
+        return full[:, lo:hi]
 
     def _backend_step(self, batch: Batch):
         cfg = self.cfg

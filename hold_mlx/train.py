@@ -60,6 +60,9 @@ class Trainer(TrainerBase):
         self.group = mx.distributed.init()
         return self.group.rank(), self.group.size()
 
+    def _backend_any(self, flag: bool) -> bool:
+        return mx.distributed.all_sum(mx.array(int(flag)), group=self.group).item() > 0
+
     def _backend_build(self):
         mine = np.array_split(np.arange(self.cfg.batch_size), self.world)[self.rank]
         self._rows = ((int(mine[0]), int(mine[-1]) + 1), self.cfg.batch_size)  # static: part of the compiled step
@@ -78,7 +81,9 @@ class Trainer(TrainerBase):
         group = self.group if self.world > 1 else None
         rows, global_batch = self._rows
         grad_fn = nn.value_and_grad(net, lambda model, *args: score_matching_loss(model, n, *args, rows, global_batch))
-        state = [net.state, opt.state, self.ema]
+        # The global random state is captured too: dropout draws from it, and each step reseeds it
+        # from (seed, step) so a resumed run draws the same masks.
+        state = [net.state, opt.state, self.ema, mx.random.state]
 
         def step(x0, key, t, mean, chol, mixed, weight):
             loss, grads = grad_fn(net, x0, key, t, mean, chol, mixed, weight)
@@ -96,6 +101,7 @@ class Trainer(TrainerBase):
     def _backend_step(self, batch: Batch):
         self.net.train()
         self.optimizer.learning_rate = batch.lr
+        mx.random.seed(int(np.random.default_rng([*batch.noise_seed, self.rank, 4]).integers(2**63)))
         loss = self._step_fn(mx.array(batch.x0), _noise_key(batch.noise_seed), mx.array(batch.t),
                              mx.array(batch.mean), mx.array(batch.chol), mx.array(batch.mixed),
                              mx.array(batch.weight))

@@ -179,6 +179,10 @@ class TrainerBase:
     def _backend_load_state(self, tensors: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
+    def _backend_any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (data-parallel runs only)."""
+        return flag
+
     def ema_score_model(self):
         """(score_fn, ops) of the EMA weights, for previews."""
         raise NotImplementedError
@@ -246,6 +250,13 @@ class TrainerBase:
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def _stop_requested(self, stop: dict) -> bool:
+        """A signal seen by any rank stops every rank before the same step (no rank waits forever
+        in a collective the others never reach)."""
+        if self.world > 1:
+            stop["now"] = self._backend_any(stop["now"])
+        return stop["now"]
+
     def batch(self, step: int) -> Batch:
         cfg = self.cfg
         x0 = self.data.batch(step, cfg.batch_size, cfg.seed, rank=self.rank, world=self.world, hflip=cfg.hflip)
@@ -265,7 +276,7 @@ class TrainerBase:
         stop = {"now": False}
         last_good = self.step
         with _graceful_stop(stop):
-            while self.step < cfg.steps and not stop["now"]:
+            while self.step < cfg.steps and not self._stop_requested(stop):
                 start = time.perf_counter()
                 batch = self.batch(self.step)
                 value = float(self._backend_step(batch))
