@@ -73,14 +73,16 @@ def _random_inputs(sde, state_shape: tuple[int, ...], batch: int, rng: np.random
 
 
 def export_graph(module: torch.nn.Module, example: tuple, input_names, output_names, *, opset=None,
-                 dynamic_batch=True):
+                 batched=None):
     """torch.onnx.export (dynamo) of ``module`` to an in-memory ModelProto, quietly.
 
     The exporter's progress lines, warnings and logs are captured; on failure their first line is
-    part of the error. Axis 0 of every input is one dynamic "batch" dimension.
+    part of the error. Axis 0 of the inputs named in ``batched`` (default: all) is one dynamic
+    "batch" dimension.
     """
     batch = torch.export.Dim("batch")
-    dynamic = {name: {0: batch} for name in input_names} if dynamic_batch else None
+    batched = set(input_names if batched is None else batched)
+    dynamic = {name: ({0: batch} if name in batched else None) for name in input_names}
     captured = io.StringIO()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -138,6 +140,9 @@ def export_onnx(checkpoint=None, out="model.onnx", *, opset: int | None = None, 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"--out must end in .onnx, got {out.name!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not 18 <= opset <= newest:
+        raise ValueError(f"--opset {opset}: choose 18 to {newest} (the newest opset this onnx package knows)")
     torch_model, sde, config = load_torch_model(source, device="cpu")
     net = HalfPrecision(torch_model.net) if fp16 else torch_model.net
     module = (ChannelsLast(net) if config["net"]["kind"] == "unet" else net).eval()
@@ -170,7 +175,12 @@ def export_onnx(checkpoint=None, out="model.onnx", *, opset: int | None = None, 
 def check_against_torch(data: bytes, torch_model, sde, state_shape, batches, precision, rng, out) -> dict[int, float]:
     """Run the serialized graph in onnxruntime (through the same loader ``sample`` uses) and torch
     on random inputs; raise if any batch size differs by more than TOLERANCE[precision]."""
-    session = make_session(data)
+    try:
+        session = make_session(data)
+    except Exception as err:  # onnxruntime's own exception types; e.g. an opset it does not know yet
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise OnnxExportError(f"onnxruntime cannot load the exported graph ({first[:200]}); "
+                              f"try a lower --opset; {out} was not written") from err
     config, graph = _config_from_props(session.get_modelmeta().custom_metadata_map, out)
     ort_model = OnnxScoreModel(session, sde, config, graph, source=out)
     errors = {}

@@ -167,7 +167,10 @@ class OnnxScoreModel:
     def __call__(self, u, t) -> np.ndarray:
         u = np.ascontiguousarray(u, dtype=np.float32)
         alpha = self.alpha(u, t)
-        a, b = score_scale(self.sde, np.asarray(t, dtype=np.float64), mixed_score=self.mixed_score)
+        # Samplers pass one time for the whole batch: compute the float64 kernel once per distinct t.
+        times, index = np.unique(np.asarray(t, dtype=np.float64), return_inverse=True)
+        a, b = score_scale(self.sde, times, mixed_score=self.mixed_score)
+        a, b = a[index], b[index]
         shape = (-1,) + (1,) * (u.ndim - 1)
         score = a.astype(np.float32).reshape(shape) * alpha
         if self.mixed_score:

@@ -302,7 +302,7 @@ def train(ctx, out, order, sde_param, net_param, **options):
               help="The .onnx file to write; it carries the SDE, data and network config in its metadata.")
 @click.option("--opset", type=click.IntRange(min=18), default=None,
               help="ONNX opset (default: the torch exporter's recommended one).")
-@click.option("--fp16", is_flag=True, help="fp16 weights and activations (for GPU runtimes; on the CPU fp32 is "
+@click.option("--fp16", is_flag=True, help="fp16 weights and activations (for GPU runtimes; on the CPU it is no "
                                            "faster, see docs/onnx.md). Inputs and outputs stay float32.")
 @friendly_errors
 def export(checkpoint, out, opset, fp16):

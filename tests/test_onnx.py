@@ -290,3 +290,11 @@ def test_wrong_kind_of_file_for_the_backend(exported, tmp_path):
     assert result.exit_code != 0 and "runs with --backend onnx" in result.output
     result = CliRunner().invoke(main, ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.pt")])
     assert result.exit_code != 0 and "must end in .onnx" in result.output
+
+
+def test_opset_outside_what_onnx_knows_is_rejected(exported, tmp_path):
+    ckpt, _, _ = exported
+    result = CliRunner().invoke(main, ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx"),
+                                       "--opset", "99"])
+    assert result.exit_code != 0 and "--opset 99: choose 18 to" in result.output
+    assert not (tmp_path / "x.onnx").exists()
