@@ -6,6 +6,8 @@
 - ``torch_train``  the torch backend of the shared training loop (CUDA, AMP, DDP)
 - ``parity``       MLX <-> torch parity checks (random checkpoints, output comparison)
 - ``flops``        model FLOPs per image from a NetConfig (analytic, cross-checked by torch)
+- ``onnx_export``  the ONNX exporter (graph u, t -> alpha; metadata; checked against torch)
+- ``onnx_runtime`` sampling from the .onnx file with onnxruntime + NumPy only (no torch, no MLX)
 
 Nothing here is imported by ``hold_mlx`` unless a torch or ONNX path is asked for.
 """

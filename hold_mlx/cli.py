@@ -292,6 +292,33 @@ def train(ctx, out, order, sde_param, net_param, **options):
             click.echo(f"done: step {trainer.step}; model in {out / 'model.safetensors'}")
 
 
+# ----------------------------------------------------------------------------- export
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Run folder or .safetensors file. Default: the model shipped in weights/.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("model.onnx"), show_default=True,
+              help="The .onnx file to write; it carries the SDE, data and network config in its metadata.")
+@click.option("--opset", type=click.IntRange(min=18), default=None,
+              help="ONNX opset (default: the torch exporter's recommended one).")
+@click.option("--fp16", is_flag=True, help="fp16 weights and activations (for GPU runtimes; on the CPU it is no "
+                                           "faster, see docs/onnx.md). Inputs and outputs stay float32.")
+@friendly_errors
+def export(checkpoint, out, opset, fp16):
+    """Export the score network to ONNX for onnxruntime (checked against torch before writing)."""
+    _check_out(out, (".onnx",))
+    try:
+        from hold_export.onnx_export import export_onnx
+    except ImportError as err:
+        raise click.ClickException(f"export needs PyTorch and ONNX ({err}); pip install 'hold-mlx[torch,onnx]'")
+    report = export_onnx(checkpoint, out, opset=opset, fp16=fp16)
+    checks = ", ".join(f"batch {b}: {e:.1e}" for b, e in report.errors.items())
+    click.echo(f"wrote {report.path} ({report.size_bytes / 1e6:.1f} MB, opset {report.opset}, {report.precision}); "
+               f"onnxruntime matches torch ({checks})")
+    click.echo(f"sample with: hold-mlx sample --backend onnx --checkpoint {report.path}")
+
+
 # ----------------------------------------------------------------------------- doctor
 
 

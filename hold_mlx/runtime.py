@@ -40,6 +40,9 @@ class Runtime:
 def load_runtime(checkpoint=None, backend: str = "mlx", *, device: str = "cpu", threads: int | None = None) -> Runtime:
     """The model in ``checkpoint`` (run folder, .safetensors or, for onnx, .onnx; None: the
     shipped model) on ``backend``."""
+    if backend != "onnx" and checkpoint is not None and str(checkpoint).lower().endswith(".onnx"):
+        raise ValueError(f"{checkpoint}: an ONNX model runs with --backend onnx (MLX and torch read the "
+                         ".safetensors checkpoint it was exported from)")
     if backend == "mlx":
         from .backends import MLXOps
         from .model import load_model
