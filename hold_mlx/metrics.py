@@ -91,6 +91,8 @@ def kernel_distance(x, y, *, subsets: int = 100, subset_size: int = 1000, seed: 
     if subsets < 1:
         raise ValueError(f"subsets must be >= 1, got {subsets}")
     size = min(int(subset_size), len(x), len(y))
+    if size == len(x) == len(y):  # every subset would be the whole of both sets
+        return mmd2_unbiased(x, y, **kernel), 0.0
     rng = np.random.default_rng(seed)
     values = np.array([mmd2_unbiased(x[rng.choice(len(x), size, replace=False)],
                                      y[rng.choice(len(y), size, replace=False)], **kernel)

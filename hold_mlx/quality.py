@@ -15,7 +15,7 @@ import numpy as np
 
 from .metrics import fd_from_features, kernel_distance
 
-__all__ = ["quantize_images", "distances", "feature_floor", "reference_images", "CLASSIFIER_METRIC",
+__all__ = ["quantize_images", "distances", "feature_floor", "reference_images", "sample_quality", "CLASSIFIER_METRIC",
            "KD_SUBSETS", "KD_SUBSET_SIZE"]
 
 CLASSIFIER_METRIC = "FMNIST-classifier"
@@ -68,3 +68,35 @@ def reference_images(data_cfg: dict, n_ref: int, *, dataset: str | None = None, 
                          "pass the model's --dataset")
     idx = np.random.default_rng(seed).permutation(len(ds))[:min(n_ref, len(ds))]
     return ds.to_user(ds.data[np.sort(idx)]), f"{ds.name} {split} ({len(idx)})"
+
+
+def sample_quality(samples_user, reference_user, data_cfg: dict, *, classifier=None, fid_net=None,
+                   seed: int = 0) -> dict:
+    """All applicable distances between samples and reference data (both in user units).
+
+    28x28 grey images: FD/KD in the classifier's feature space (``classifier``: a loaded
+    FashionMNISTClassifier; None loads the shipped one). Points: FD/KD of the coordinates.
+    ``fid_net`` (from hold_export.fid_inception.load_fid_inception) adds FID and KID.
+    """
+    samples_user, reference_user = np.asarray(samples_user), np.asarray(reference_user)
+    out: dict = {}
+    if data_cfg["kind"] == "points":
+        out.update(distances(samples_user, reference_user, "points", seed=seed))
+    elif tuple(data_cfg["shape"]) == (28, 28, 1):
+        from .classifier import classifier_features, load_classifier
+
+        net = classifier if classifier is not None else load_classifier()[0]
+        samples, reference = quantize_images(samples_user), quantize_images(reference_user)
+        out.update(distances(classifier_features(net, samples), classifier_features(net, reference),
+                             CLASSIFIER_METRIC, seed=seed))
+    elif fid_net is None:
+        raise ValueError(f"the offline metrics use a Fashion-MNIST classifier (28x28x1 images) and this model "
+                         f"makes {tuple(data_cfg['shape'])}; pass --fid-weights for FID/KID")
+    if fid_net is not None:
+        if data_cfg["kind"] != "image":
+            raise ValueError("FID/KID are for images; this model makes points")
+        from hold_export.fid_inception import inception_features
+
+        out.update(distances(inception_features(fid_net, samples_user), inception_features(fid_net, reference_user),
+                             "inception", seed=seed))
+    return out
