@@ -198,7 +198,8 @@ class InceptionV3FID(nn.Module):
 
     def forward(self, images_uint8):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
-            raise ValueError(f"expected uint8 images (N, 3, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+            raise ValueError(f"expected uint8 images (N, 3, H, W), got {images_uint8.dtype} "
+                             f"{tuple(images_uint8.shape)}")
         x = tf1_bilinear_resize(images_uint8.float(), INPUT_SIZE)
         x = (x - 128) / 128
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))

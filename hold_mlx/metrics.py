@@ -75,7 +75,8 @@ def mmd2_unbiased(x, y, **kernel) -> float:
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature sizes differ: {x.shape[1]} vs {y.shape[1]}")
     m, n = len(x), len(y)
-    kxx, kyy, kxy = polynomial_kernel(x, x, **kernel), polynomial_kernel(y, y, **kernel), polynomial_kernel(x, y, **kernel)
+    kxx, kyy = polynomial_kernel(x, x, **kernel), polynomial_kernel(y, y, **kernel)
+    kxy = polynomial_kernel(x, y, **kernel)
     return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
                  - 2.0 * kxy.mean())
 

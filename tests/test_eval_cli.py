@@ -70,19 +70,19 @@ def test_eval_needs_something_to_measure(image_model):
 
 def test_eval_images_bpd_and_quality(image_model, tmp_path):
     report = tmp_path / "r.json"
-    code, out = run(["eval", "--checkpoint", str(image_model), "--bpd", "--n-images", "3", "--rtol", "1e-3",
-                     "--atol", "1e-3", "--quality", "--n-samples", "24", "--steps", "4", "--n-ref", "40",
-                     "--batch-size", "12", "--out", str(report)])
+    code, out = run(["eval", "--checkpoint", str(image_model), "--bpd", "--n-images", "2", "--rtol", "1e-3",
+                     "--atol", "1e-3", "--quality", "--n-samples", "16", "--steps", "3", "--n-ref", "40",
+                     "--batch-size", "8", "--out", str(report)])
     assert code == 0, out
     assert "bits/dim" in out and "FD-FMNIST-classifier" in out and "FID" not in out
     r = json.loads(report.read_text())
     lik = r["likelihood"]
-    assert lik["unit"] == "bits/dim" and lik["n"] == 3 and math.isfinite(lik["mean"]) and lik["stderr"] > 0
+    assert lik["unit"] == "bits/dim" and lik["n"] == 2 and math.isfinite(lik["mean"]) and lik["stderr"] > 0
     assert lik["mean"] > 0  # bits/dim of 8-bit data under any density on the dequantised cube is > 0
     q = r["quality"]
-    assert q["n_samples"] == 24 and q["nfe"] == 5  # 4 lie-trotter steps + the denoising call
+    assert q["n_samples"] == 16 and q["nfe"] == 4  # 3 lie-trotter steps + the denoising call
     assert q["metrics"]["FD-FMNIST-classifier"] > 0
-    assert q["metrics"]["KD-FMNIST-classifier"]["subset_size"] == 24
+    assert q["metrics"]["KD-FMNIST-classifier"]["subset_size"] == 16
 
 
 def test_eval_points(points_model, tmp_path):

@@ -82,7 +82,8 @@ def test_matches_torch_fidelity_network(tmp_path):
     net = InceptionV3FID().eval()
     path = tmp_path / "random.pth"
     torch.save(net.state_dict(), path)
-    ref = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    ref = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                               feature_extractor_weights_path=str(path))
     images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (2, 3, 28, 28), dtype=np.uint8))
     with torch.no_grad():
         (expected,) = ref(images)

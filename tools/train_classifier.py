@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -91,7 +90,8 @@ dropout 0.3, Linear(128, 10); {info['params']} parameters, float32 ({info['size_
   on the 60,000 training images only, random horizontal flips; no model selection on the test set.
 - Training: Adam, cosine learning rate {info['lr']} -> {info['lr'] * 0.01:g}, batch {info['batch_size']},
   {info['epochs']} epochs, seed {info['seed']}.
-- **Test accuracy: {100 * info['test_accuracy']:.2f}%** on the 10,000 test images (train: {100 * info['train_accuracy']:.2f}%).
+- **Test accuracy: {100 * info['test_accuracy']:.2f}%** on the 10,000 test images
+  (train: {100 * info['train_accuracy']:.2f}%).
 - Hardware: {info['hardware']}; wall time {info['wall_s'] / 60:.1f} min of training.
 - Command: `{info['command']}`
 
