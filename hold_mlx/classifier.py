@@ -12,13 +12,12 @@ Input: images NHWC (N, 28, 28, 1) in [0, 1] (user units, as ``hold-mlx sample --
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ._mlx import mx, nn
-from .checkpoint import CheckpointError, atomic_write
+from .checkpoint import CheckpointError, atomic_write, shipped_file
 
 __all__ = ["FashionMNISTClassifier", "load_classifier", "save_classifier", "default_classifier",
            "classifier_features", "classifier_logits", "CLASSIFIER_FILE", "IMAGE_SHAPE"]
@@ -54,15 +53,11 @@ class FashionMNISTClassifier(nn.Module):
 
 
 def default_classifier() -> Path:
-    """weights/fmnist-classifier/classifier.safetensors (checkout or installed data)."""
-    env = os.environ.get("HOLD_MLX_CLASSIFIER")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "weights" / "fmnist-classifier" / CLASSIFIER_FILE,
-                      here / "weights" / "fmnist-classifier" / CLASSIFIER_FILE):
-        if candidate.is_file():
-            return candidate
+    """weights/fmnist-classifier/classifier.safetensors (checkout or installed data), or
+    $HOLD_MLX_CLASSIFIER."""
+    path = shipped_file(f"fmnist-classifier/{CLASSIFIER_FILE}", "HOLD_MLX_CLASSIFIER")
+    if path is not None:
+        return path
     raise CheckpointError("no Fashion-MNIST classifier found (weights/fmnist-classifier/classifier.safetensors); "
                           "pass --classifier PATH or train one with tools/train_classifier.py")
 
