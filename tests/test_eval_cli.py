@@ -157,19 +157,22 @@ def test_probe_on_a_network_mlx_torch_and_finite_differences(nonlinear_model):
 
 
 @pytest.mark.slow
-def test_likelihood_mlx_and_torch_agree_on_a_network(points_model):
-    """The whole likelihood on an MLP checkpoint: MLX and torch give the same nats per point (at a
-    tight tolerance: at 1e-5 this random network, oscillating in log t, leaves ~0.1 nats of ODE error)."""
+def test_likelihood_mlx_and_torch_agree_on_a_network(tmp_path):
+    """The whole likelihood on an MLP checkpoint: MLX and torch give the same nats per point. (At
+    rtol 1e-6; a random network oscillates in log t, and at 1e-5 its ODE error reaches 1e-2 nats for
+    VP and 0.1 for CLD, which the two backends' step choices then expose.)"""
     pytest.importorskip("torch")
     from hold_mlx.likelihood import evaluate_likelihood
     from hold_mlx.runtime import load_runtime
 
+    data = {"name": "8gaussians", "kind": "points", "shape": [2], "shift": [0.0, 0.0], "scale": [2.0, 2.0]}
+    path = make_checkpoint(tmp_path / "vp.safetensors", sde="vp", net="mlp-tiny", data=data, noise=0.01)
     points = np.random.default_rng(12).standard_normal((4, 2)) * 2.0
     values = {}
     for backend in ("mlx", "torch"):
-        rt = load_runtime(points_model, backend)
+        rt = load_runtime(path, backend)
         values[backend] = evaluate_likelihood(rt.sde, rt.score_fn, rt.ops, points, rt.config["data"], seed=4,
-                                              estimator="exact", rtol=1e-7, atol=1e-7).values
+                                              estimator="exact", rtol=1e-6, atol=1e-6).values
     np.testing.assert_allclose(values["mlx"], values["torch"], atol=2e-3)
 
 
