@@ -378,7 +378,9 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
         _check_out(out, (".json",))
     runtime = load_runtime(checkpoint, backend, device=device, threads=threads)
     data_cfg = runtime.config["data"]
-    report = {"checkpoint": str(checkpoint or "shipped"), "backend": backend, "sde": runtime.sde.to_config(),
+    from .checkpoint import default_checkpoint
+
+    report = {"checkpoint": str(checkpoint or default_checkpoint()), "backend": backend, "sde": runtime.sde.to_config(),
               "data": data_cfg}
     rows = []
     fid_net = None
@@ -389,10 +391,14 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
             raise click.ClickException(f"--fid-weights needs PyTorch ({err}); pip install 'hold-mlx[torch]'")
         fid_net = load_fid_inception(fid_weights, device=device)
     classifier_net = None
-    if quality and data_cfg["kind"] == "image" and tuple(data_cfg["shape"]) == (28, 28, 1):
-        from .classifier import load_classifier
+    if quality and data_cfg["kind"] == "image":
+        if tuple(data_cfg["shape"]) == (28, 28, 1):
+            from .classifier import load_classifier
 
-        classifier_net = load_classifier(classifier)[0]
+            classifier_net = load_classifier(classifier)[0]
+        elif fid_net is None:
+            raise ValueError(f"the offline metrics use a Fashion-MNIST classifier (28x28x1 images) and this model "
+                             f"makes {tuple(data_cfg['shape'])}; pass --fid-weights for FID/KID")
 
     if bpd:
         from .likelihood import evaluate_likelihood

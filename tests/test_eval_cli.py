@@ -117,6 +117,13 @@ def test_eval_scores_given_samples(image_model, tmp_path):
     assert kd_noise > 10 * abs(kd_good)
 
 
+def test_eval_quality_of_other_images_needs_fid_weights(tmp_path):
+    data = {"name": "digits", "kind": "image", "shape": [8, 8, 1], "shift": 0.5, "scale": 0.5}
+    path = make_checkpoint(tmp_path / "digits.safetensors", data=data)
+    code, out = run(["eval", "--checkpoint", str(path), "--quality"])
+    assert code != 0 and "--fid-weights" in out and "(8, 8, 1)" in out
+
+
 def test_eval_fid_weights_errors(image_model, tmp_path):
     code, out = run(["eval", "--checkpoint", str(image_model), "--fid-weights", str(tmp_path / "missing.pth")])
     assert code != 0 and "no such file" in out and "pt_inception-2015-12-05-6726825d.pth" in out
