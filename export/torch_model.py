@@ -94,6 +94,10 @@ class TorchScoreModel:
 
     @torch.no_grad()
     def __call__(self, u, t):
+        return self.score(u, t)
+
+    def score(self, u, t):
+        """The score with autograd left on (the likelihood differentiates it; __call__ does not)."""
         a, b = score_scale(self.sde, t.detach().cpu().numpy(), mixed_score=self.mixed_score)
         shape = (-1,) + (1,) * (u.ndim - 1)
         a = torch.as_tensor(a, dtype=u.dtype, device=u.device).reshape(shape)

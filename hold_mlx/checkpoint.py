@@ -172,16 +172,23 @@ def resolve_model_file(path) -> Path:
     return path
 
 
-def default_checkpoint() -> Path:
-    """The model shipped in weights/ (next to the package in a checkout, or installed data)."""
-    env = os.environ.get("HOLD_MLX_WEIGHTS")
-    if env:
-        return Path(env)
+def shipped_file(relative: str, env: str) -> Path | None:
+    """A file shipped in weights/ (next to the package in a checkout, or installed data), or the
+    path in the environment variable ``env``; None if neither exists."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "weights" / "fashion-mnist-hold" / MODEL_FILE,
-                      here / "weights" / "fashion-mnist-hold" / MODEL_FILE):
+    for candidate in (here.parent / "weights" / relative, here / "weights" / relative):
         if candidate.is_file():
             return candidate
+    return None
+
+
+def default_checkpoint() -> Path:
+    """The model shipped in weights/ (next to the package in a checkout, or installed data)."""
+    path = shipped_file(f"fashion-mnist-hold/{MODEL_FILE}", "HOLD_MLX_WEIGHTS")
+    if path is not None:
+        return path
     raise CheckpointError("no shipped weights found (weights/fashion-mnist-hold/model.safetensors); "
                           "pass --checkpoint PATH or set HOLD_MLX_WEIGHTS")
 

@@ -66,6 +66,7 @@ def main():
       hold-mlx sample --steps 100              # Fashion-MNIST from the shipped weights -> samples.png
       hold-mlx train --dataset fashion-mnist --sde hold --out runs/hold
       hold-mlx export --out model.onnx         # the score network for onnxruntime
+      hold-mlx eval --bpd --quality            # bits/dim and FD/KD-FMNIST-classifier of the shipped model
       hold-mlx doctor                          # what is installed and which BLAS MLX uses
     """
 
@@ -317,6 +318,177 @@ def export(checkpoint, out, opset, fp16):
     click.echo(f"wrote {report.path} ({report.size_bytes / 1e6:.1f} MB, opset {report.opset}, {report.precision}); "
                f"onnxruntime matches torch ({checks})")
     click.echo(f"sample with: hold-mlx sample --backend onnx --checkpoint {report.path}")
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _test_data(data_cfg: dict, n: int, dataset, data_dir) -> tuple[np.ndarray, str]:
+    """The first n test examples of the model's dataset, in user units."""
+    from .data import load_dataset
+
+    name = dataset or data_cfg.get("name")
+    ds = load_dataset(name, data_dir=data_dir, split="test")
+    if list(ds.shape) != list(data_cfg["shape"]):
+        raise ValueError(f"dataset {name!r} has shape {ds.shape}, the model takes {tuple(data_cfg['shape'])}; "
+                         "pass the model's --dataset")
+    n = min(n, len(ds))
+    return ds.to_user(ds.data[:n]), f"{ds.name} test (first {n})"
+
+
+def _print_table(rows) -> None:
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        click.echo(f"{name:<{width}}  {value:>12}  {note}")
+
+
+@main.command(name="eval")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Run folder or .safetensors file. Default: the Fashion-MNIST HOLD model shipped in weights/.")
+@click.option("--backend", type=click.Choice(["mlx", "torch"]), default="mlx", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+@click.option("--bpd", is_flag=True, help="Likelihood of test data: bits/dim (images) or nats (points).")
+@click.option("--n-images", type=click.IntRange(min=1), default=256, show_default=True,
+              help="--bpd: test examples (the first N of the test split).")
+@click.option("--estimator", type=click.Choice(["hutchinson", "exact"]), default="hutchinson", show_default=True,
+              help="--bpd: trace estimator; exact costs d network passes per step (points only).")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, help="--bpd: RK45 relative tolerance.")
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="--bpd: RK45 absolute tolerance.")
+@click.option("--quality", is_flag=True, help="Sample quality: FD/KD against the training data (FID/KID too "
+                                              "with --fid-weights).")
+@click.option("--n-samples", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="--quality: samples to draw.")
+@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES, case_sensitive=False), default="lie-trotter",
+              show_default=True, help="--quality: the sampler that draws the samples.")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="--quality: sampler steps.")
+@click.option("--grid", "time_grid", type=click.Choice(["uniform", "quadratic"]), default="uniform", show_default=True,
+              help="--quality: sampler time grid.")
+@click.option("--samples", "samples_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="--quality: score these samples (.npz key 'samples', user units, as `sample --out` writes) "
+                   "instead of drawing new ones.")
+@click.option("--n-ref", type=click.IntRange(min=2), default=10000, show_default=True,
+              help="--quality: reference images from the training split (a fixed random subset).")
+@click.option("--classifier", type=click.Path(path_type=Path), default=None,
+              help="Feature network for FD/KD-FMNIST-classifier. Default: weights/fmnist-classifier/.")
+@click.option("--fid-weights", type=click.Path(path_type=Path), default=None,
+              help="Path of pt_inception-2015-12-05-6726825d.pth (needs torch): adds real FID and KID.")
+@click.option("--dataset", default=None, help="Dataset of the test/reference data (default: the checkpoint's).")
+@click.option("--data-dir", default=None, help="Folder of the dataset files.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the report as JSON here.")
+@friendly_errors
+def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator, rtol, atol, quality, n_samples,
+                 sampler, steps, time_grid, samples_file, n_ref, classifier, fid_weights, dataset, data_dir,
+                 batch_size, seed, out):
+    """Measure a model: likelihood (--bpd) and/or sample quality (--quality).
+
+    \b
+    Examples:
+      hold-mlx eval --bpd --n-images 256 --out bpd.json
+      hold-mlx eval --quality --n-samples 10000 --sampler lie-trotter --steps 100
+      hold-mlx eval --quality --fid-weights ~/pt_inception-2015-12-05-6726825d.pth
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from .data import to_user_units
+    from .runtime import draw_samples, load_runtime
+
+    quality = quality or fid_weights is not None or samples_file is not None
+    if not (bpd or quality):
+        raise click.UsageError("nothing to measure: pass --bpd and/or --quality")
+    if out is not None:
+        _check_out(out, (".json",))
+    runtime = load_runtime(checkpoint, backend, device=device, threads=threads)
+    data_cfg = runtime.config["data"]
+    from .checkpoint import default_checkpoint
+
+    report = {"checkpoint": str(checkpoint or default_checkpoint()), "backend": backend, "sde": runtime.sde.to_config(),
+              "data": data_cfg}
+    rows = []
+    fid_net = None
+    if fid_weights is not None:  # fail on a missing or wrong file before any long computation
+        try:
+            from hold_export.fid_inception import load_fid_inception
+        except ImportError as err:
+            raise click.ClickException(f"--fid-weights needs PyTorch ({err}); pip install 'hold-mlx[torch]'")
+        fid_net = load_fid_inception(fid_weights, device=device)
+    classifier_net = None
+    if quality and data_cfg["kind"] == "image":
+        if tuple(data_cfg["shape"]) == (28, 28, 1):
+            from .classifier import load_classifier
+
+            classifier_net = load_classifier(classifier)[0]
+        elif fid_net is None:
+            raise ValueError(f"the offline metrics use a Fashion-MNIST classifier (28x28x1 images) and this model "
+                             f"makes {tuple(data_cfg['shape'])}; pass --fid-weights for FID/KID")
+
+    if bpd:
+        from .likelihood import evaluate_likelihood
+
+        data, source = _test_data(data_cfg, n_images, dataset, data_dir)
+        start = time.time()
+        with tqdm(total=len(data), unit="img", desc=f"likelihood ({backend})", disable=None, leave=False) as bar:
+            def progress(done, t):
+                bar.update(done - bar.n)
+                bar.set_postfix(t=f"{t:.3g}", refresh=False)
+
+            res = evaluate_likelihood(runtime.sde, runtime.score_fn, runtime.ops, data, data_cfg, seed=seed,
+                                      batch_size=batch_size, estimator=estimator, rtol=rtol, atol=atol,
+                                      progress=progress)
+        report["likelihood"] = {"unit": res.unit, "mean": res.mean, "stderr": res.stderr, "n": len(res.values),
+                                "data": source, "estimator": estimator, "rtol": rtol, "atol": atol,
+                                "t0": runtime.sde.eps_loss, "nfe_per_batch": res.nfe, "seed": seed,
+                                "wall_s": time.time() - start}
+        rows.append((res.unit, f"{res.mean:.4f}", f"± {res.stderr:.4f} (s.e., {source}, "
+                                                   f"NFE {int(np.mean(res.nfe))}/batch)"))
+
+    if quality:
+        from .quality import reference_images, sample_quality
+
+        start = time.time()
+        if samples_file is not None:
+            with np.load(samples_file) as f:
+                if "samples" not in f:
+                    raise ValueError(f"{samples_file}: no 'samples' array (write it with hold-mlx sample --out x.npz)")
+                samples = np.asarray(f["samples"], np.float32)
+            if samples.shape[1:] != tuple(data_cfg["shape"]):
+                raise ValueError(f"{samples_file}: samples of shape {samples.shape[1:]}, the model makes "
+                                 f"{tuple(data_cfg['shape'])}")
+            how = {"samples_file": str(samples_file)}
+        else:
+            options = {"sampler": sampler, "steps": steps, "grid": time_grid}
+            batches = -(-n_samples // batch_size)
+            adaptive = sampler.lower() == "rk45"
+            with tqdm(total=None if adaptive else steps * batches, unit="step", desc=f"sampling ({backend})",
+                      disable=None, leave=False) as bar:
+                drawn, nfe = draw_samples(runtime, n_samples, batch_size=batch_size, seed=seed,
+                                          progress=bar.update, **options)
+            samples = to_user_units(drawn, data_cfg)
+            how = {**options, "nfe": nfe, "seed": seed}
+        reference, ref_source = reference_images(data_cfg, n_ref, dataset=dataset, data_dir=data_dir, seed=seed)
+        metrics = sample_quality(samples, reference, data_cfg, classifier=classifier_net, fid_net=fid_net, seed=seed)
+        report["quality"] = {**how, "n_samples": len(samples), "reference": ref_source, "metrics": metrics,
+                             "wall_s": time.time() - start}
+        for name, value in metrics.items():
+            if isinstance(value, dict):
+                rows.append((name, f"{value['mean']:.5f}", f"± {value['std']:.5f} (std over {value['subsets']} "
+                                                           f"subsets of {value['subset_size']})"))
+            else:
+                rows.append((name, f"{value:.4f}", f"({len(samples)} samples vs {ref_source})"))
+        if "nfe" in how:
+            rows.append(("NFE", str(how["nfe"]), f"({sampler}, {steps} steps)"))
+
+    _print_table(rows)
+    if out is not None:
+        from .checkpoint import atomic_write
+
+        atomic_write(out, (json.dumps(report, indent=1, default=float) + "\n").encode())
+        click.echo(f"wrote {out}")
 
 
 # ----------------------------------------------------------------------------- doctor
