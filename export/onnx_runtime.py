@@ -167,10 +167,7 @@ class OnnxScoreModel:
     def __call__(self, u, t) -> np.ndarray:
         u = np.ascontiguousarray(u, dtype=np.float32)
         alpha = self.alpha(u, t)
-        # Samplers pass one time for the whole batch: compute the float64 kernel once per distinct t.
-        times, index = np.unique(np.asarray(t, dtype=np.float64), return_inverse=True)
-        a, b = score_scale(self.sde, times, mixed_score=self.mixed_score)
-        a, b = a[index], b[index]
+        a, b = score_scale(self.sde, t, mixed_score=self.mixed_score)
         shape = (-1,) + (1,) * (u.ndim - 1)
         score = a.astype(np.float32).reshape(shape) * alpha
         if self.mixed_score:

@@ -44,6 +44,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -58,6 +59,12 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             raise CheckpointError(f"could not write {path}: {err.strerror or err}; "
                                   "free disk space or choose another --out") from err
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_tensors(path, tensors: dict[str, np.ndarray], config: dict) -> None:

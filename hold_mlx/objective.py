@@ -60,11 +60,15 @@ def objective_coefficients(sde: LinearSDE, t: np.ndarray, *, mixed_score: bool =
 
 
 def score_scale(sde: LinearSDE, t, *, mixed_score: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) with score = a * alpha + b * u_n, per time: a = -1/ell_t, b = -1/Sigma^mix_nn."""
-    t = np.atleast_1d(np.asarray(t, dtype=np.float64))
-    ell = sde.kernel(t).ell
-    b = -1.0 / sde.mixed_score_var(t) if mixed_score else np.zeros_like(t)
-    return -1.0 / ell, b
+    """(a, b) with score = a * alpha + b * u_n, per time: a = -1/ell_t, b = -1/Sigma^mix_nn.
+
+    Samplers pass one time for the whole batch, so the float64 kernel is computed once per
+    distinct time and broadcast back.
+    """
+    times, index = np.unique(np.atleast_1d(np.asarray(t, dtype=np.float64)), return_inverse=True)
+    ell = sde.kernel(times).ell
+    b = -1.0 / sde.mixed_score_var(times) if mixed_score else np.zeros_like(times)
+    return (-1.0 / ell)[index], b[index]
 
 
 def perturb(x0, eps_blocks: list, mean, chol, per_sample):

@@ -117,3 +117,12 @@ def test_shipped_weights_override(tmp_path, tiny_run, monkeypatch):
     monkeypatch.setenv("HOLD_MLX_WEIGHTS", str(target))
     model, _, _ = hold_mlx.load()
     assert model.data_shape == (8, 8, 1)
+
+
+def test_atomic_write_gives_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "f.bin").st_mode & 0o777) == 0o644
