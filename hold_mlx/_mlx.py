@@ -62,7 +62,9 @@ def _preload_blas() -> None:
             continue
         BLAS, BLAS_NOTE = path, "preloaded into the global symbol scope before mlx.core"
         return
-    if choice:
+    if BLAS_NOTE:  # a library was there but would not load
+        BLAS_NOTE += "; using the bundled BLAS (slow)"
+    elif choice:
         BLAS_NOTE = f"HOLD_MLX_BLAS={choice} does not exist; using the bundled BLAS (slow)"
     else:
         BLAS_NOTE = "no OpenBLAS found (apt-get install libopenblas0-pthread); using the bundled BLAS (slow)"
