@@ -7,7 +7,7 @@ from operations MLX's CPU backend runs well: multiply-adds that ``mx.compile`` f
 vectorised C++ loop, single-axis sums, and matrix products handed to BLAS.
 
 ``enabled()`` decides whether the networks use them: on by default when MLX computes on the CPU
-(Linux), off on a GPU (Metal on macOS, CUDA), where MLX's own kernels are fast.
+on Linux, off on a GPU (Metal, CUDA) and on macOS, where MLX's own kernels are fast.
 ``HOLD_MLX_FASTOPS=1`` / ``0`` forces the choice (the benchmark uses it to show the effect).
 Every function is checked against the stock MLX op, values and gradients, in
 tests/test_fastops.py.
@@ -16,6 +16,7 @@ tests/test_fastops.py.
 from __future__ import annotations
 
 import os
+import sys
 
 from ._mlx import mx
 
@@ -29,7 +30,8 @@ def enabled() -> bool:
         return True
     if choice in ("0", "false", "off", "no"):
         return False
-    return mx.default_device() == mx.cpu
+    # macOS CPU: MLX uses Accelerate and NEON vectors there, its own ops are the fast ones.
+    return mx.default_device() == mx.cpu and sys.platform != "darwin"
 
 
 # ----------------------------------------------------------------------------- tanh, sigmoid, SiLU
