@@ -141,6 +141,23 @@ def cpu_streams() -> list:
     return _STREAMS[:n]
 
 
+def _cache_limit() -> int:
+    limit = mx.set_cache_limit(0)  # the setter is the only getter MLX has
+    mx.set_cache_limit(limit)
+    return limit
+
+
+def describe_cpu_tuning() -> str:
+    """One line for ``hold-mlx doctor``: streams, BLAS threads, buffer cache, fast ops."""
+    if not _on_cpu():
+        return f"none (MLX computes on {mx.default_device()})"
+    from .fastops import enabled
+
+    return (f"{max(1, len(cpu_streams()))} CPU stream(s), BLAS threads {BLAS_THREADS or 'default'}, "
+            f"buffer cache {_cache_limit() // 2**20} MiB, "
+            f"fast CPU ops {'on' if enabled() else 'off'}")
+
+
 def _tune_cpu() -> None:
     if not _on_cpu():
         return
@@ -155,4 +172,4 @@ def _tune_cpu() -> None:
 _tune_cpu()
 
 __all__ = ["mx", "nn", "optim", "BLAS", "BLAS_NOTE", "BLAS_THREADS", "cpu_count", "cpu_streams",
-           "set_blas_threads"]
+           "set_blas_threads", "describe_cpu_tuning"]

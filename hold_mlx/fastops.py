@@ -121,14 +121,17 @@ def group_norm(x, weight, bias, groups: int, eps: float, act: bool = False):
 
     def per_group(per_channel):  # (B, C) sums -> (B, C) group means, repeated per channel
         g = per_channel.reshape(b, groups, c // groups).sum(axis=-1, keepdims=True) / count
-        return mx.broadcast_to(g, (b, groups, c // groups)).reshape(b, c)
+        return _fusion_break(mx.broadcast_to(g, (b, groups, c // groups)).reshape(b, c))
 
+    # The (B, C) statistics are materialised (_fusion_break) before the full-size loops use them:
+    # fused into those loops they would be recomputed per element through broadcast indexing
+    # (scalar code), which made the whole norm 2x slower.
     bshape = (b,) + (1,) * len(axes) + (c,)
-    mean = per_group(x.sum(axis=axes)).reshape(bshape)
-    dev = x - mean
-    var = per_group((dev * dev).sum(axis=axes)).reshape(bshape)
+    mean = per_group(x.sum(axis=axes))
+    var = per_group(mx.square(x - mean.reshape(bshape)).sum(axis=axes))
     scale = weight * mx.rsqrt(var + eps)
-    y = dev * scale + bias
+    shift = _fusion_break(bias - mean * scale).reshape(bshape)
+    y = x * _fusion_break(scale).reshape(bshape) + shift
     return silu(y) if act else y
 
 
