@@ -451,6 +451,7 @@ def main(argv=None):
         kind = "torch" if label.startswith("torch") else "onnx" if label.startswith("onnx") else "mlx"
         print(f"timing {label} ...", file=sys.stderr, flush=True)
         rows.append((label, run_worker(args, kind, env)))
+        print(json.dumps(rows[-1][1]), file=sys.stderr, flush=True)
     blas_rows = []
     if not args.no_blas and sys.platform != "darwin":
         print("timing MLX with the bundled BLAS ...", file=sys.stderr, flush=True)
