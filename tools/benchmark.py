@@ -326,7 +326,8 @@ def blas_worker(args) -> dict:
 
 def run_worker(args, name: str, env_extra: dict) -> dict:
     env = dict(os.environ)
-    env["HOLD_MLX_THREADS"] = str(args.threads)  # MLX: one CPU stream per thread (configs may override)
+    env["HOLD_MLX_THREADS"] = str(args.threads)  # MLX: one CPU stream per thread, one BLAS thread
+    env["HOLD_MLX_BLAS_THREADS"] = "1"  # per call (configs may override both)
     env.update({k: v.replace("THREADS", str(args.threads)) for k, v in env_extra.items()})
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.setdefault(var, str(args.threads))
