@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -461,7 +462,7 @@ def main(argv=None):
     table = report(args, rows, rate, flops, blas_rows, model_note)
     print(table)
     if not args.no_docs:
-        doc = DOC_HEAD.format(command=COMMAND + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+        doc = DOC_HEAD.format(command=COMMAND + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""),
                               when=time.strftime("%Y-%m-%d"))
         (ROOT / "docs").mkdir(exist_ok=True)
         (ROOT / "docs" / "benchmarks.md").write_text(doc + table + "\n")
