@@ -5,6 +5,17 @@ The ``mlx[cpu]`` Linux wheel links a reference (netlib) BLAS: matmuls and convol
 scope *before* ``mlx.core`` is imported makes MLX's BLAS calls resolve to it. Set
 ``HOLD_MLX_BLAS`` to a library path to choose another one, or to ``none`` to keep the bundled BLAS.
 
+Two more CPU settings are made here (Linux, MLX on the CPU; macOS/GPU are left alone):
+
+* MLX's buffer cache. MLX keeps at most 32 MiB of freed buffers on the CPU; a U-Net step at
+  batch 64 churns through hundreds of MiB, so every large allocation came fresh from the
+  kernel and was zero-filled page by page (~2 us per 4 KiB page on these VMs: 0.1-0.3 s per
+  network call). ``HOLD_MLX_CACHE_MB`` (default: a quarter of RAM, at most 4096) raises it.
+* Threads. MLX runs element-wise work on one thread per stream; BLAS has its own threads.
+  ``cpu_streams()`` gives one MLX CPU stream per core (``HOLD_MLX_THREADS`` overrides) and
+  the network splits its batch across them (``model.ScoreModel``); BLAS then runs one thread
+  per call (``HOLD_MLX_BLAS_THREADS`` overrides), so the cores are not oversubscribed.
+
 Every module of hold_mlx that needs MLX imports it from here.
 """
 
@@ -51,7 +62,9 @@ def _preload_blas() -> None:
             continue
         BLAS, BLAS_NOTE = path, "preloaded into the global symbol scope before mlx.core"
         return
-    if choice:
+    if BLAS_NOTE:  # a library was there but would not load
+        BLAS_NOTE += "; using the bundled BLAS (slow)"
+    elif choice:
         BLAS_NOTE = f"HOLD_MLX_BLAS={choice} does not exist; using the bundled BLAS (slow)"
     else:
         BLAS_NOTE = "no OpenBLAS found (apt-get install libopenblas0-pthread); using the bundled BLAS (slow)"
@@ -68,4 +81,95 @@ except ImportError as err:  # pragma: no cover - depends on the installation
         f"MLX is not usable ({err}). On Linux install the CPU backend: pip install 'mlx[cpu]'"
     ) from err
 
-__all__ = ["mx", "nn", "optim", "BLAS", "BLAS_NOTE"]
+
+def _on_cpu() -> bool:
+    return sys.platform != "darwin" and mx.default_device() == mx.cpu
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+
+
+#: Threads per BLAS call as set by hold_mlx (None: left at the library's default).
+BLAS_THREADS = None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Threads per BLAS call, if the preloaded BLAS is OpenBLAS; False if it cannot be set."""
+    global BLAS_THREADS
+    if BLAS in ("bundled", "accelerate"):
+        return False
+    try:
+        lib = ctypes.CDLL(BLAS)
+        lib.openblas_set_num_threads(int(n))
+    except (OSError, AttributeError):
+        return False
+    BLAS_THREADS = int(n)
+    return True
+
+
+_STREAMS: list = []
+
+
+def cpu_streams() -> list:
+    """MLX CPU streams to split a batch across: one per core (HOLD_MLX_THREADS=N overrides).
+
+    Empty when MLX computes on a GPU or only one thread is wanted. Created once per process.
+    """
+    if not _on_cpu():
+        return []
+    n = _env_int("HOLD_MLX_THREADS", cpu_count())
+    if n <= 1:
+        return []
+    mx.default_stream(mx.cpu)  # make sure the default stream exists first (it takes index 0)
+    while len(_STREAMS) < n:
+        _STREAMS.append(mx.new_stream(mx.cpu))
+    return _STREAMS[:n]
+
+
+def _cache_limit() -> int:
+    limit = mx.set_cache_limit(0)  # the setter is the only getter MLX has
+    mx.set_cache_limit(limit)
+    return limit
+
+
+def describe_cpu_tuning() -> str:
+    """One line for ``hold-mlx doctor``: streams, BLAS threads, buffer cache, fast ops."""
+    if not _on_cpu():
+        return f"none (MLX computes on {mx.default_device()})"
+    from .fastops import enabled
+
+    return (f"{max(1, len(cpu_streams()))} CPU stream(s), BLAS threads {BLAS_THREADS or 'default'}, "
+            f"buffer cache {_cache_limit() // 2**20} MiB, "
+            f"fast CPU ops {'on' if enabled() else 'off'}")
+
+
+def _tune_cpu() -> None:
+    if not _on_cpu():
+        return
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    cache_mb = _env_int("HOLD_MLX_CACHE_MB", min(4096, total_mb // 4))
+    if cache_mb > 0:
+        mx.set_cache_limit(cache_mb * 2**20)
+    streams = _env_int("HOLD_MLX_THREADS", cpu_count())
+    set_blas_threads(_env_int("HOLD_MLX_BLAS_THREADS", 1 if streams > 1 else cpu_count()))
+
+
+_tune_cpu()
+
+__all__ = ["mx", "nn", "optim", "BLAS", "BLAS_NOTE", "BLAS_THREADS", "cpu_count", "cpu_streams",
+           "set_blas_threads", "describe_cpu_tuning"]

@@ -503,6 +503,9 @@ def doctor():
         from ._mlx import BLAS, BLAS_NOTE, mx
 
         rows += [("mlx", f"{mx.__version__}, default device {mx.default_device()}"), ("mlx BLAS", f"{BLAS} ({BLAS_NOTE})")]
+        from ._mlx import describe_cpu_tuning
+
+        rows.append(("mlx CPU tuning", describe_cpu_tuning()))
     except ImportError as err:
         rows.append(("mlx", f"not usable: {err}"))
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from . import fastops
 from ._mlx import mx, nn
 from .netconfig import NET_PRESETS, NetConfig, net_preset
 
@@ -42,8 +43,33 @@ def _zero_init(layer):
     return layer
 
 
+def silu(x):
+    return fastops.silu(x) if fastops.enabled() else nn.silu(x)
+
+
+class GroupNorm(nn.GroupNorm):
+    """torch-compatible GroupNorm that can apply SiLU in the same pass (``act=True``)."""
+
+    def __call__(self, x, act: bool = False):
+        if fastops.enabled():
+            return fastops.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act=act)
+        y = super().__call__(x)
+        return nn.silu(y) if act else y
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that runs 3x3 stride-1 convolutions through ``fastops.conv3x3`` on the CPU."""
+
+    def __call__(self, x):
+        if (fastops.enabled() and self.weight.shape[1:3] == (3, 3) and tuple(self.stride) == (1, 1)
+                and tuple(self.padding) == (1, 1) and self.dilation in (1, (1, 1)) and "bias" in self
+                and min(x.shape[1:3]) >= 8):  # below 8x8 the zero frame costs more than it saves
+            return fastops.conv3x3(x, self.weight, self.bias)
+        return super().__call__(x)
+
+
 def _norm(channels: int, groups: int):
-    return nn.GroupNorm(min(groups, channels), channels, eps=1e-6, pytorch_compatible=True)
+    return GroupNorm(min(groups, channels), channels, eps=1e-6, pytorch_compatible=True)
 
 
 class ResBlock(nn.Module):
@@ -52,18 +78,18 @@ class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int):
         super().__init__()
         self.norm1 = _norm(c_in, groups)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out)
         self.norm2 = _norm(c_out, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = _zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.conv2 = _zero_init(Conv2d(c_out, c_out, 3, padding=1))
         if c_in != c_out:
-            self.skip = nn.Conv2d(c_in, c_out, 1)
+            self.skip = Conv2d(c_in, c_out, 1)
 
     def __call__(self, x, emb):
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = h + self.emb(nn.silu(emb))[:, None, None, :]
-        h = self.conv2(self.dropout(nn.silu(self.norm2(h))))
+        h = self.conv1(self.norm1(x, act=True))
+        h = h + self.emb(silu(emb))[:, None, None, :]
+        h = self.conv2(self.dropout(self.norm2(h, act=True)))
         skip = self.skip(x) if "skip" in self else x
         return (skip + h) * (1.0 / math.sqrt(2.0))
 
@@ -88,7 +114,7 @@ class Attention(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def __call__(self, x, emb=None):
         return self.conv(x)
@@ -97,7 +123,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x, emb=None):
         b, h, w, c = x.shape
@@ -127,7 +153,7 @@ class UNet(nn.Module):
         self.time_features = FourierTime(ch, cfg.fourier_scale)
         self.time_in = nn.Linear(ch, emb_dim)
         self.time_out = nn.Linear(emb_dim, emb_dim)
-        self.conv_in = nn.Conv2d(cfg.order * cfg.data_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.order * cfg.data_channels, ch, 3, padding=1)
 
         res = cfg.image_size
         skips = [ch]
@@ -164,10 +190,10 @@ class UNet(nn.Module):
             self.up.append(layers)
 
         self.norm_out = _norm(c_cur, groups)
-        self.conv_out = _zero_init(nn.Conv2d(c_cur, cfg.data_channels, 3, padding=1))
+        self.conv_out = _zero_init(Conv2d(c_cur, cfg.data_channels, 3, padding=1))
 
     def __call__(self, u, t):
-        emb = self.time_out(nn.silu(self.time_in(self.time_features(t))))
+        emb = self.time_out(silu(self.time_in(self.time_features(t))))
         h = self.conv_in(u)
         hs = [h]
         for layers in self.down:
@@ -182,7 +208,7 @@ class UNet(nn.Module):
                 if isinstance(layer, ResBlock):
                     h = mx.concatenate([h, hs.pop()], axis=-1)
                 h = layer(h, emb)
-        return self.conv_out(nn.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, act=True))
 
 
 class MLP(nn.Module):
@@ -202,8 +228,8 @@ class MLP(nn.Module):
         emb = self.time_in(self.time_features(t))
         h = self.inp(u) + emb
         for layer in self.layers:
-            h = h + layer(nn.silu(h))
-        return self.out(nn.silu(h))
+            h = h + layer(silu(h))
+        return self.out(silu(h))
 
 
 def build_net(cfg: NetConfig):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._mlx import mx, nn, optim
-from .model import ScoreModel, flat_params, set_flat_params
+from .model import ScoreModel, flat_params, set_flat_params, split_batch
 from .nets import build_net
 from .objective import perturb, residual
 from .trainloop import Batch, StepInfo, TrainConfig, TrainerBase, TrainingDiverged
@@ -32,7 +32,8 @@ def score_matching_loss(model, n: int, x0, key, t, mean, chol, mixed, weight, ro
     """Block-coordinate score matching on the last block (objective.py), MLX arrays.
 
     The noise is drawn for the global batch and this rank's ``rows`` are kept, so data-parallel
-    training sees exactly the numbers one process would.
+    training sees exactly the numbers one process would; the rank's batch is then split across
+    the CPU streams (``model.split_batch``; one piece on a GPU), which leaves the loss unchanged.
     """
     shape = (-1,) + (1,) * (x0.ndim - 1)
 
@@ -41,11 +42,17 @@ def score_matching_loss(model, n: int, x0, key, t, mean, chol, mixed, weight, ro
 
     lo, hi = rows if rows is not None else (0, x0.shape[0])
     eps = mx.random.normal((n, global_batch or x0.shape[0]) + x0.shape[1:], key=key)[:, lo:hi]
-    blocks = perturb(x0, [eps[i] for i in range(n)], mean, chol, per_sample)
-    u = blocks[0] if n == 1 else mx.concatenate(blocks, axis=-1)
-    r = residual(model(u, t), blocks[-1], eps[-1], mixed, per_sample)
-    per_example = (r * r).reshape(r.shape[0], -1).mean(axis=1)
-    return (weight * per_example).mean()
+    eps = eps.swapaxes(0, 1)  # batch first, for the split
+
+    def piece(x0, eps, t, mean, chol, mixed, weight):
+        blocks = perturb(x0, [eps[:, i] for i in range(n)], mean, chol, per_sample)
+        u = blocks[0] if n == 1 else mx.concatenate(blocks, axis=-1)
+        r = residual(model(u, t), blocks[-1], eps[:, -1], mixed, per_sample)
+        per_example = (r * r).reshape(r.shape[0], -1).mean(axis=1)
+        return (weight * per_example).sum()
+
+    parts = split_batch(piece, x0, eps, t, mean, chol, mixed, weight)
+    return (parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])) / x0.shape[0]
 
 
 class Trainer(TrainerBase):

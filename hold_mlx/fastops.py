@@ -1,0 +1,201 @@
+"""Fast MLX building blocks for CPUs: SiLU, GroupNorm (+SiLU) and 3x3 convolution.
+
+MLX's CPU backend runs transcendental functions one element at a time (``mx.exp`` and
+``nn.silu`` cost about 12 ns per float32), reduces over several axes slowly and lowers a 3x3
+convolution to an im2col copy plus a skinny GEMM. The functions here compute the same results
+from operations MLX's CPU backend runs well: multiply-adds that ``mx.compile`` fuses into one
+vectorised C++ loop, single-axis sums, and matrix products handed to BLAS.
+
+``enabled()`` decides whether the networks use them: on by default when MLX computes on the CPU
+on Linux, off on a GPU (Metal, CUDA) and on macOS, where MLX's own kernels are fast.
+``HOLD_MLX_FASTOPS=1`` / ``0`` forces the choice (the benchmark uses it to show the effect).
+Every function is checked against the stock MLX op, values and gradients, in
+tests/test_fastops.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ._mlx import mx
+
+__all__ = ["enabled", "tanh", "sigmoid", "silu", "group_norm"]
+
+
+def enabled() -> bool:
+    """Use the fast ops? HOLD_MLX_FASTOPS=1/0 forces; by default only when MLX runs on the CPU."""
+    choice = os.environ.get("HOLD_MLX_FASTOPS", "auto").strip().lower()
+    if choice in ("1", "true", "on", "yes"):
+        return True
+    if choice in ("0", "false", "off", "no"):
+        return False
+    # macOS CPU: MLX uses Accelerate and NEON vectors there, its own ops are the fast ones.
+    return mx.default_device() == mx.cpu and sys.platform != "darwin"
+
+
+# ----------------------------------------------------------------------------- tanh, sigmoid, SiLU
+
+# tanh(y) ~ y P(y^2) / Q(y^2) on |y| <= 9 (beyond, tanh rounds to +-1 in float32): a rational fit
+# (relative-error weighted least squares, tools/ has none: the fit is a few lines of NumPy, see
+# tests/test_fastops.py for the accuracy check) good to about 6 float32 ulp.
+_TANH_CLIP = 9.0
+_TANH_P = (0.9999999857463001, 0.13390435318145955, 0.003506734001159956, 2.079122899888836e-05,
+           1.3604431505118856e-08)
+_TANH_Q = (1.0, 0.4672375440372149, 0.025919462679109915, 0.000330380927266662, 7.879354268196165e-07)
+
+
+def _poly4(c, s, s2):
+    """c0 + c1 s + ... + c4 s^4 by Estrin's scheme: a shallow graph, so that ``mx.compile``
+    (which fuses at most 11 operations deep) keeps the whole SiLU in one loop."""
+    return (c[4] * s2 + (c[3] * s + c[2])) * s2 + (c[1] * s + c[0])
+
+
+def _clip(x, bound: float):
+    """x clamped to [-bound, bound], as 2 bound x / (|x| + bound + ||x| - bound|).
+
+    Float arithmetic only: MLX's CPU minimum/maximum test for NaN with a branch and its selects
+    mix bool and float vectors, either of which stops the C++ compiler vectorising the fused
+    loop. Exact for |x| <= bound up to ~2 ulp of relative rounding.
+    """
+    a = mx.abs(x)
+    return (2.0 * bound) * x / (a + bound + mx.abs(a - bound))
+
+
+def _fusion_break(x):
+    """A free reshape round trip: MLX's compiler does not fuse through reshapes, so the fused
+    loop ends here. ``mx.compile`` fuses at most 11 operations deep; a deeper expression is cut
+    at an arbitrary point, and the piece after the cut may get strided (unvectorised) inputs.
+    Cutting on purpose keeps both pieces contiguous, vectorised loops."""
+    return x.reshape(-1).reshape(x.shape)
+
+
+def _tanh_core(y):
+    """tanh(y) for |y| <= _TANH_CLIP: y P(y^2) / Q(y^2)."""
+    s = y * y
+    s2 = s * s
+    return y * _poly4(_TANH_P, s, s2) / _poly4(_TANH_Q, s, s2)
+
+
+def tanh(x):
+    """tanh from multiply-adds and one division (MLX's CPU tanh/exp run one element at a time;
+    this runs as two vectorised loops under ``mx.compile``)."""
+    return _tanh_core(_fusion_break(_clip(x, _TANH_CLIP)))
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)) = (1 + tanh(x/2)) / 2; absolute error below 4e-7 (relative error grows
+    for x < -10 where the value is below 5e-5: the tail is rounded towards 0)."""
+    return 0.5 + 0.5 * tanh(0.5 * x)
+
+
+@mx.custom_function
+def silu(x):
+    """x * sigmoid(x) = h + h tanh(h), h = x/2: within a few ulp of max(|x|, |silu(x)|)."""
+    h = 0.5 * x
+    return h * tanh(h) + h  # h * tanh(h) first: lets mx.compile fuse h into the same loop
+
+
+@silu.vjp
+def _silu_vjp(primals, cotangent, output):
+    x = primals[0] if isinstance(primals, (list, tuple)) else primals
+    s = sigmoid(x)
+    return (cotangent * (s + x * s * (1.0 - s)),)
+
+
+# ----------------------------------------------------------------------------- group norm
+
+
+def group_norm(x, weight, bias, groups: int, eps: float, act: bool = False):
+    """torch-compatible GroupNorm over channels-last x (groups of adjacent channels), optionally
+    followed by SiLU in the same fused pass.
+
+    Statistics come from per-channel sums over the pixels (fast single-axis reductions) folded
+    into groups; the variance is the mean of squared deviations (two-pass, like torch), and the
+    normalisation, affine map and SiLU are one multiply-add per element that ``mx.compile``
+    fuses.
+    """
+    b, c = x.shape[0], x.shape[-1]
+    axes = tuple(range(1, x.ndim - 1))
+    count = (x.size // (b * c)) * (c // groups)  # numbers per group
+
+    def per_group(per_channel):  # (B, C) sums -> (B, C) group means, repeated per channel
+        g = per_channel.reshape(b, groups, c // groups).sum(axis=-1, keepdims=True) / count
+        return _fusion_break(mx.broadcast_to(g, (b, groups, c // groups)).reshape(b, c))
+
+    # The (B, C) statistics are materialised (_fusion_break) before the full-size loops use them:
+    # fused into those loops they would be recomputed per element through broadcast indexing
+    # (scalar code), which made the whole norm 2x slower.
+    bshape = (b,) + (1,) * len(axes) + (c,)
+    mean = per_group(x.sum(axis=axes))
+    var = per_group(mx.square(x - mean.reshape(bshape)).sum(axis=axes))
+    scale = weight * mx.rsqrt(var + eps)
+    shift = _fusion_break(bias - mean * scale).reshape(bshape)
+    y = x * _fusion_break(scale).reshape(bshape) + shift
+    return silu(y) if act else y
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+def _taps_layout(x):
+    """x (B, H, W, C) -> (flat, n, wp): the zero-framed batch flattened to (pixels, C), the
+    number n of output rows, and the row pitch wp = W + 1 (see ``conv3x3``)."""
+    b, h, w, c = x.shape
+    flat = mx.pad(x, ((0, 1), (1, 0), (1, 0), (0, 0))).reshape(-1, c)
+    return flat, b * (h + 1) * (w + 1), w + 1
+
+
+def _conv_taps(x, weight, bias=None):
+    """The nine accumulating GEMMs; returns the output on the (B, H+1, W+1) grid."""
+    b, h, w, _ = x.shape
+    flat, n, wp = _taps_layout(x)
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            tap = flat[dy * wp + dx: dy * wp + dx + n]
+            w_tap = weight[:, dy, dx, :].T
+            if out is None:
+                out = tap @ w_tap if bias is None else mx.addmm(bias, tap, w_tap)
+            else:
+                out = mx.addmm(out, tap, w_tap)
+    return out.reshape(b, h + 1, wp, -1)
+
+
+@mx.custom_function
+def conv3x3(x, weight, bias):
+    """3x3 convolution, stride 1, zero padding 1, channels last: x (B, H, W, C), weight (O, 3, 3, C),
+    bias (O,).
+
+    MLX's CPU convolution copies the input into an im2col matrix nine times its size, then runs
+    one skinny GEMM. Here the batch is laid out as one long image: each picture gets one zero
+    row above and one zero column on the left (a pixel's neighbour past the right edge is the
+    next row's zero), plus one zero picture at the end. Flattened to (pixels, C), tap (dy, dx)
+    of the kernel reads the same matrix shifted by dy (W+1) + dx rows, a contiguous slice, so
+    the convolution is nine accumulating GEMMs (``mx.addmm``) with no im2col copy. Outputs at
+    the frame positions are computed and dropped ((H+1)(W+1)/(HW) - 1 extra work: 7% at 28x28,
+    15% at 14x14, 31% at 7x7).
+
+    The gradient is written out (autodiff through nine slices would scatter nine full-size
+    zero arrays): dx is the same convolution of the output gradient with the flipped,
+    transposed kernel, and dW[:, dy, dx] is one GEMM of the gradient with tap (dy, dx).
+    """
+    h, w = x.shape[1], x.shape[2]
+    return _conv_taps(x, weight, bias)[:, :h, :w, :]
+
+
+@conv3x3.vjp
+def _conv3x3_vjp(primals, cotangent, output):
+    x, weight, _ = primals
+    g = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
+    b, h, w, c = x.shape
+    o = weight.shape[0]
+    flipped = weight[:, ::-1, ::-1, :].transpose(3, 1, 2, 0)  # (C, 3, 3, O)
+    dx = _conv_taps(g, flipped)[:, :h, :w, :]
+    # The output gradient on the (B, H+1, W+1) grid, zero at the dropped frame positions.
+    g_grid = mx.pad(g, ((0, 0), (0, 1), (0, 1), (0, 0))).reshape(-1, o)
+    flat, n, wp = _taps_layout(x)
+    g_t = g_grid.T
+    dw = mx.stack([g_t @ flat[dy * wp + dx_: dy * wp + dx_ + n] for dy in range(3) for dx_ in range(3)], axis=1)
+    db = g.reshape(-1, o).sum(axis=0)
+    return dx, dw.reshape(o, 3, 3, c), db

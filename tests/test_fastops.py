@@ -1,0 +1,138 @@
+"""The fast CPU ops against the reference computations they replace: values and gradients."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from hold_mlx import fastops
+from hold_mlx._mlx import mx, nn
+
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _grid(lo=-60.0, hi=60.0, n=400_001):
+    return np.linspace(lo, hi, n).astype(np.float32)
+
+
+def test_tanh_within_a_few_ulp_of_float64():
+    x = _grid(-20, 20)
+    got = np.array(fastops.tanh(mx.array(x))).astype(np.float64)
+    ref = np.tanh(x.astype(np.float64))
+    ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+    big = np.abs(x) > 1e-3  # below, compare absolutely (tanh(x) ~ x, ulp tiny)
+    assert (np.abs(got - ref)[big] / ulp[big]).max() <= 8
+    assert np.abs(got - ref)[~big].max() <= 4 * F32_EPS * 1e-3
+
+
+def test_silu_error_is_float32_rounding_of_its_inputs():
+    x = _grid()
+    got = np.array(fastops.silu(mx.array(x))).astype(np.float64)
+    xd = x.astype(np.float64)
+    ref = xd / (1.0 + np.exp(-xd))
+    # Error measured in ulps of max(|x|, |silu(x)|): the tail x << 0 is rounded to ~0, which is
+    # exact to the precision x itself carries.
+    scale = np.spacing(np.maximum(np.abs(xd), np.abs(ref)).astype(np.float32)).astype(np.float64)
+    assert (np.abs(got - ref) / scale).max() <= 4
+    # and absolutely, where activations live: below 2e-6 (MLX's own exp-based silu: 7.5e-7)
+    assert np.abs(got - ref)[np.abs(xd) < 10].max() < 2e-6
+
+
+def test_silu_compiled_equals_eager_and_sigmoid_matches():
+    x = mx.array(_grid(-30, 30, 10_001))
+    assert mx.array_equal(mx.compile(fastops.silu)(x), fastops.silu(x)).item()
+    sig = np.array(fastops.sigmoid(x)).astype(np.float64)
+    ref = 1.0 / (1.0 + np.exp(-np.array(x).astype(np.float64)))
+    assert np.abs(sig - ref).max() < 4e-7
+
+
+def test_silu_gradient_matches_autodiff_of_stock():
+    x = mx.array(_grid(-30, 30, 20_001))
+    g = mx.grad(lambda v: fastops.silu(v).sum())(x)
+    ref = mx.grad(lambda v: nn.silu(v).sum())(x)
+    assert mx.abs(g - ref).max().item() < 5e-6
+
+
+@pytest.mark.parametrize("channels,groups", [(32, 8), (96, 8), (16, 4)])
+@pytest.mark.parametrize("act", [False, True])
+def test_group_norm_matches_stock_with_gradients(channels, groups, act):
+    mx.random.seed(channels + groups)
+    x = 2.0 * mx.random.normal((4, 14, 14, channels)) + 0.7
+    ref_layer = nn.GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
+    ref_layer.weight = mx.random.normal((channels,))
+    ref_layer.bias = mx.random.normal((channels,))
+    w, b = ref_layer.weight, ref_layer.bias
+
+    def ref(x, w, b):
+        ref_layer.weight, ref_layer.bias = w, b
+        y = ref_layer(x)
+        return nn.silu(y) if act else y
+
+    def fast(x, w, b):
+        return fastops.group_norm(x, w, b, groups, 1e-6, act=act)
+
+    got, want = mx.compile(fast)(x, w, b), ref(x, w, b)
+    assert mx.abs(got - want).max().item() < 2e-5 * max(1.0, mx.abs(want).max().item())
+    probe = mx.random.normal(want.shape)
+    g_fast = mx.grad(lambda *a: (fast(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
+    g_ref = mx.grad(lambda *a: (ref(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
+    for a, r in zip(g_fast, g_ref):
+        assert mx.abs(a - r).max().item() < 1e-4 * max(1.0, mx.abs(r).max().item())
+
+
+@pytest.mark.parametrize("shape,out_ch", [((3, 9, 11, 5), 7), ((2, 8, 8, 16), 16), ((1, 28, 28, 3), 4)])
+def test_conv3x3_matches_mlx_conv_with_gradients(shape, out_ch):
+    mx.random.seed(sum(shape))
+    x = mx.random.normal(shape)
+    w = 0.3 * mx.random.normal((out_ch, 3, 3, shape[-1]))
+    b = mx.random.normal((out_ch,))
+
+    def stock(x, w, b):
+        return mx.conv2d(x, w, padding=1) + b
+
+    got, want = fastops.conv3x3(x, w, b), stock(x, w, b)
+    assert got.shape == want.shape
+    assert mx.abs(got - want).max().item() < 1e-5 * max(1.0, mx.abs(want).max().item())
+    probe = mx.random.normal(want.shape)
+    g_fast = mx.grad(lambda *a: (fastops.conv3x3(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
+    g_ref = mx.grad(lambda *a: (stock(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
+    for a, r in zip(g_fast, g_ref):
+        assert mx.abs(a - r).max().item() < 1e-4 * max(1.0, mx.abs(r).max().item())
+
+
+def test_switch_follows_environment(monkeypatch):
+    monkeypatch.setenv("HOLD_MLX_FASTOPS", "0")
+    assert not fastops.enabled()
+    monkeypatch.setenv("HOLD_MLX_FASTOPS", "1")
+    assert fastops.enabled()
+    monkeypatch.setenv("HOLD_MLX_FASTOPS", "auto")
+    assert fastops.enabled() == (mx.default_device() == mx.cpu and sys.platform != "darwin")
+
+
+def test_unet_fast_and_stock_agree(monkeypatch):
+    """The same weights through the fast and the stock layers (the torch parity test holds the
+    stock side to torch)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from hold_mlx.nets import build_net
+    from hold_mlx.netconfig import net_preset
+
+    mx.random.seed(3)
+    net = build_net(net_preset("tiny", image_size=16))
+    net.update(tree_unflatten([(k, v + 0.05 * mx.random.normal(v.shape)) for k, v in tree_flatten(net.parameters())]))
+    u, t = mx.random.normal((5, 16, 16, 3)), mx.array(np.linspace(0.1, 1.0, 5), dtype=mx.float32)
+
+    def loss(model):
+        return (model(u, t) ** 2).sum()
+
+    out, grads = {}, {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("HOLD_MLX_FASTOPS", flag)
+        out[flag] = net(u, t)
+        grads[flag] = dict(tree_flatten(nn.value_and_grad(net, loss)(net)[1]))
+    scale = mx.abs(out["0"]).max().item()
+    assert scale > 0 and mx.abs(out["1"] - out["0"]).max().item() < 1e-5 * scale
+    for k, g in grads["0"].items():
+        assert mx.abs(grads["1"][k] - g).max().item() < 1e-4 * max(1e-3, mx.abs(g).max().item()), k

@@ -1,0 +1,473 @@
+"""One benchmark of hold-mlx sampling and training on this machine: MLX vs torch eager vs onnxruntime.
+
+    python tools/benchmark.py                         # full run, writes docs/benchmarks.md
+    python tools/benchmark.py --quick --no-docs       # a smoke run (few steps, one repeat)
+
+Every figure of a table is measured in the same run, each backend in its own subprocess with
+the same thread count (``--threads``, default: all cores of this process), warm-up calls
+excluded, medians over ``--repeats``. The model is the shipped fashion-mnist checkpoint
+(weights/fashion-mnist-hold) or, until it exists, the fashion-mnist network preset with seeded
+random weights written to a temporary checkpoint. Rows:
+
+* network-call latency at the sampling batch (the score function the sampler calls),
+* full-sample throughput (images/s) with Lie-Trotter at each ``--steps``,
+* the sampler's own overhead: a sample with a zero-cost score function / a sample with the network,
+* the training step (images/s) of the MLX and torch trainers,
+* peak memory of each backend's process,
+* the FLOP floor: model FLOPs per image x NFE / the machine's measured matmul rate, and
+  achieved/floor per backend.
+
+MLX runs in several configurations (fast CPU ops on/off, threads, BLAS) so the table shows what
+each setting buys; on a Mac (Metal) the fast CPU ops are off by default and the same script runs
+unchanged. The BLAS section times MLX with the BLAS bundled in the wheel against OpenBLAS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMAND = "python tools/benchmark.py"
+
+# (label, environment) of each MLX configuration. THREADS is replaced by --threads.
+MLX_CONFIGS = [
+    ("mlx", {}),
+    ("mlx, 1 stream + BLAS threads", {"HOLD_MLX_THREADS": "1", "HOLD_MLX_BLAS_THREADS": "THREADS"}),
+    ("mlx, stock ops", {"HOLD_MLX_FASTOPS": "0"}),
+    ("mlx, stock ops, 32 MiB cache", {"HOLD_MLX_FASTOPS": "0", "HOLD_MLX_CACHE_MB": "0",
+                                      "HOLD_MLX_THREADS": "1", "HOLD_MLX_BLAS_THREADS": "THREADS"}),
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024.0 if sys.platform != "darwin" else 2**20)
+
+
+def write_random_checkpoint(path: Path) -> None:
+    """The fashion-mnist preset with seeded random weights (every layer non-zero)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from hold_mlx._mlx import mx
+    from hold_mlx.checkpoint import make_config
+    from hold_mlx.model import save_model
+    from hold_mlx.nets import build_net
+    from hold_mlx.netconfig import net_preset
+    from hold_mlx.sde import get_sde
+
+    mx.random.seed(0)
+    cfg = net_preset("fashion-mnist")
+    net = build_net(cfg)
+    params = [(k, v if k.endswith("time_features.W") else v + 0.02 * mx.random.normal(v.shape))
+              for k, v in tree_flatten(net.parameters())]
+    net.update(tree_unflatten(params))
+    data = {"name": "fashion-mnist", "kind": "image", "shape": [28, 28, 1], "shift": 0.5, "scale": 0.5}
+    save_model(path, net, make_config(get_sde("hold"), cfg, data, extra={"note": "random weights (benchmark)"}))
+
+
+def model_flops_per_image(checkpoint) -> float:
+    """Multiply-adds x 2 of one network call per image: convolutions, linear layers, attention."""
+    from hold_mlx._mlx import mx, nn
+    from hold_mlx import nets
+    from hold_mlx.model import load_model
+
+    model, _, config = load_model(checkpoint)
+    total = [0.0]
+    conv_call, linear_call, attn_call = nn.Conv2d.__call__, nn.Linear.__call__, nets.Attention.__call__
+
+    def conv(self, x):
+        y = conv_call(self, x)
+        o, kh, kw, c = self.weight.shape
+        total[0] += 2.0 * y.shape[1] * y.shape[2] * o * kh * kw * c
+        return y
+
+    def linear(self, x):
+        total[0] += 2.0 * x.size * self.weight.shape[0]
+        return linear_call(self, x)
+
+    def attention(self, x, emb=None):
+        _, h, w, c = x.shape
+        total[0] += 2.0 * 2.0 * (h * w) ** 2 * c  # q k^T and weights v
+        return attn_call(self, x, emb)
+
+    nn.Conv2d.__call__, nn.Linear.__call__, nets.Attention.__call__ = conv, linear, attention
+    saved = os.environ.get("HOLD_MLX_FASTOPS")
+    os.environ["HOLD_MLX_FASTOPS"] = "0"  # the stock layers, whose calls the patches see
+    try:
+        shape = tuple(config["data"]["shape"])
+        u = mx.zeros((1,) + shape[:-1] + (model.sde.order * shape[-1],))
+        mx.eval(model.net(u, mx.array([0.5])))
+    finally:
+        nn.Conv2d.__call__, nn.Linear.__call__, nets.Attention.__call__ = conv_call, linear_call, attn_call
+        if saved is None:
+            os.environ.pop("HOLD_MLX_FASTOPS")
+        else:
+            os.environ["HOLD_MLX_FASTOPS"] = saved
+    return total[0]
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _zero_score(ops, channels):
+    def score(u, t):
+        return 0.0 * u[..., -channels:]
+    return score
+
+
+def _onnx_file(checkpoint: Path, workdir: Path) -> tuple[Path, str]:
+    """An .onnx of the checkpoint: the shared exporter when it is there, else a plain export.
+
+    TEMPORARY fallback (marked for the lead): once export/onnx_export.py has landed, the first
+    branch always runs and the second can go.
+    """
+    out = workdir / "model.onnx"
+    try:
+        from hold_export.onnx_export import export_onnx
+
+        export_onnx(checkpoint, out)
+        return out, "hold_export.onnx_export"
+    except ImportError:
+        pass
+    import torch
+
+    from hold_export.torch_model import load_torch_model
+
+    model, _, _ = load_torch_model(checkpoint)
+
+    class ChannelsLast(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, u, t):
+            return self.net(u.permute(0, 3, 1, 2), t).permute(0, 2, 3, 1)
+
+    example = (torch.randn(2, 28, 28, 3), torch.full((2,), 0.5))
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(ChannelsLast(model.net).eval(), example, str(out), input_names=["u", "t"],
+                      output_names=["alpha"], dynamo=True, dynamic_shapes={"u": {0: batch}, "t": {0: batch}})
+    return out, "torch.onnx.export (benchmark fallback)"
+
+
+class _OnnxScore:
+    """score(u, t) from a bare alpha-graph .onnx (the fallback export), NumPy in and out."""
+
+    def __init__(self, path, sde, config, threads):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.sde, self.config = sde, config
+        self.channels = int(config["net"]["data_channels"])
+
+    def __call__(self, u, t):
+        from hold_mlx.objective import score_scale
+
+        a, b = score_scale(self.sde, t, mixed_score=bool(self.config["objective"].get("mixed_score", True)))
+        alpha = self.session.run(None, {"u": np.ascontiguousarray(u, np.float32), "t": np.asarray(t, np.float32)})[0]
+        shape = (-1,) + (1,) * (u.ndim - 1)
+        return (a.astype(np.float32).reshape(shape) * alpha
+                + b.astype(np.float32).reshape(shape) * u[..., -self.channels:])
+
+
+def load_backend(kind: str, checkpoint: Path, threads: int, workdir: Path):
+    from hold_mlx.runtime import Runtime, load_runtime
+
+    if kind != "onnx":
+        return load_runtime(checkpoint, kind, threads=threads), ""
+    onnx_path, how = _onnx_file(checkpoint, workdir)
+    try:
+        return load_runtime(onnx_path, "onnx", threads=threads), how
+    except Exception:  # the fallback file carries no hold-mlx metadata
+        from hold_mlx.backends import NumpyOps
+        from hold_mlx.checkpoint import read_tensors, sde_from_config
+
+        _, config = read_tensors(checkpoint)
+        sde = sde_from_config(config)
+        return Runtime(_OnnxScore(onnx_path, sde, config, threads), sde, config, NumpyOps(), "onnx"), how
+
+
+def train_step_time(kind: str, batch: int, repeats: int) -> float:
+    """Median seconds of one optimisation step of the backend's trainer (random images)."""
+    from hold_mlx.data import Dataset
+    from hold_mlx.trainloop import TrainConfig
+
+    rng = np.random.default_rng(0)
+    data = Dataset("fashion-mnist", rng.uniform(-1, 1, (512, 28, 28, 1)).astype(np.float32), "image", 0.5, 0.5)
+    cfg = TrainConfig(dataset="fashion-mnist", net="fashion-mnist", sde="hold", batch_size=batch, warmup=10,
+                      backend=kind, save_every=10**6)
+    with tempfile.TemporaryDirectory() as out:
+        if kind == "mlx":
+            from hold_mlx.train import Trainer
+        else:
+            from hold_export.torch_train import TorchTrainer as Trainer
+        trainer = Trainer(cfg, out, dataset=data)
+        step = [0]
+
+        def one():
+            trainer._backend_step(trainer.batch(step[0]))
+            step[0] += 1
+
+        return median_time(one, repeats, warmup=2)
+
+
+def worker(args) -> dict:
+    threads = args.threads
+    kind = args.worker
+    if kind == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    from hold_mlx.api import sample_full
+
+    result = {"backend": kind}
+    if kind == "mlx":
+        from hold_mlx import _mlx, fastops
+
+        result.update(blas=_mlx.BLAS, blas_threads=_mlx.BLAS_THREADS, streams=len(_mlx.cpu_streams()),
+                      fastops=fastops.enabled(), device=str(_mlx.mx.default_device()))
+    with tempfile.TemporaryDirectory() as tmp:
+        rt, how = load_backend(kind, Path(args.checkpoint), threads, Path(tmp))
+        if how:
+            result["exporter"] = how
+        ops, shape = rt.ops, (args.batch,) + rt.data_shape
+        n = rt.sde.order
+        rng = np.random.default_rng(1)
+        u = ops.asarray(rng.standard_normal(shape[:-1] + (n * shape[-1],)).astype(np.float32))
+        t = ops.asarray(np.linspace(0.1, 1.0, args.batch))
+
+        def call():
+            ops.eval(out := rt.score_fn(u, t))
+            ops.to_numpy(out[:1])  # make sure the work is done (lazy MLX, async torch)
+
+        result["latency_s"] = median_time(call, args.repeats, warmup=2)
+        result["sample_s"], result["nfe"] = {}, {}
+        for steps in args.steps:
+            def sample(score=rt.score_fn, steps=steps):
+                r = sample_full(rt.sde, score, shape, ops=ops, steps=steps, seed=0)
+                ops.to_numpy(r.x)
+                return r.nfe
+            result["nfe"][steps] = sample()
+            result["sample_s"][steps] = median_time(sample, args.sample_repeats, warmup=0)
+        zero = _zero_score(ops, shape[-1])
+        steps = max(args.steps)
+        result["zero_sample_s"] = median_time(
+            lambda: ops.to_numpy(sample_full(rt.sde, zero, shape, ops=ops, steps=steps, seed=0).x),
+            args.sample_repeats, warmup=1)
+        if kind in ("mlx", "torch") and not args.no_train:
+            result["train_step_s"] = train_step_time(kind, args.batch, max(2, args.repeats))
+        if kind == "mlx":
+            result["mlx_peak_mb"] = _mlx.mx.get_peak_memory() / 2**20
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def rate_worker(args) -> dict:
+    """The machine's matmul rate (GFLOP/s, float32 2048^3) through torch and through MLX."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    t_torch = median_time(lambda: a @ b, 5, warmup=2)
+    from hold_mlx._mlx import mx, set_blas_threads
+
+    set_blas_threads(args.threads)
+    x, y = mx.random.normal((2048, 2048)), mx.random.normal((2048, 2048))
+    t_mlx = median_time(lambda: mx.eval(x @ y), 5, warmup=2)
+    flop = 2.0 * 2048**3
+    return {"torch_gflops": flop / t_torch / 1e9, "mlx_gflops": flop / t_mlx / 1e9}
+
+
+def blas_worker(args) -> dict:
+    """MLX with whatever BLAS this process got: matmul, one 3x3 conv, one network call (batch 8)."""
+    from hold_mlx._mlx import BLAS, mx, set_blas_threads
+    from hold_mlx.model import load_model
+
+    set_blas_threads(args.threads)
+    x, y = mx.random.normal((1024, 1024)), mx.random.normal((1024, 1024))
+    out = {"blas": BLAS, "matmul_gflops": 2.0 * 1024**3 / median_time(lambda: mx.eval(x @ y), 3) / 1e9}
+    img, w = mx.random.normal((8, 28, 28, 64)), mx.random.normal((64, 3, 3, 64))
+    out["conv_s"] = median_time(lambda: mx.eval(mx.conv2d(img, w, padding=1)), 3)
+    model, _, _ = load_model(args.checkpoint)
+    u, t = mx.random.normal((8, 28, 28, 3)), mx.full((8,), 0.5)
+    out["net_s"] = median_time(lambda: mx.eval(model(u, t)), 3)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_worker(args, name: str, env_extra: dict) -> dict:
+    env = dict(os.environ)
+    env["HOLD_MLX_THREADS"] = str(args.threads)  # MLX: one CPU stream per thread, one BLAS thread
+    env["HOLD_MLX_BLAS_THREADS"] = "1"  # per call (configs may override both)
+    env.update({k: v.replace("THREADS", str(args.threads)) for k, v in env_extra.items()})
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.setdefault(var, str(args.threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--checkpoint", str(args.checkpoint),
+           "--threads", str(args.threads), "--batch", str(args.batch), "--repeats", str(args.repeats),
+           "--sample-repeats", str(args.sample_repeats), "--steps", *map(str, args.steps)]
+    if args.no_train:
+        cmd.append("--no-train")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt(x, digits=3):
+    return "–" if x is None else f"{x:.{digits}g}"
+
+
+def report(args, rows: list[tuple[str, dict]], rate: dict, flops: float, blas_rows: list[dict], model_note: str) -> str:
+    floor_rate = max(rate.get("torch_gflops", 0.0), rate.get("mlx_gflops", 0.0)) * 1e9
+    base = dict(rows).get("torch eager", {})
+    lines = [f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+             f"{args.threads} threads per backend; Python {platform.python_version()}.",
+             f"Model: {model_note}; {flops / 1e9:.3f} GFLOP per image per network call. "
+             f"Matmul rate (float32 2048^3): torch {fmt(rate.get('torch_gflops'))} GFLOP/s, "
+             f"MLX {fmt(rate.get('mlx_gflops'))} GFLOP/s; the floor uses the larger.", ""]
+    steps = args.steps
+    head = ["backend", f"net call B={args.batch} (ms)", "net call / floor"]
+    head += [f"img/s @{s} steps" for s in steps] + [f"vs torch @{max(steps)}", "sample / floor",
+                                                   "sampler overhead", "train img/s", "train / floor", "peak RSS (MB)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows:
+        if "error" in r:
+            lines.append(f"| {label} | error: {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        lat = r["latency_s"]
+        floor_call = flops * args.batch / floor_rate
+        smax = max(steps)
+        ips = {s: args.batch / r["sample_s"][str(s)] for s in steps}
+        sample_floor = flops * args.batch * r["nfe"][str(smax)] / floor_rate
+        vs = (base["sample_s"][str(smax)] / r["sample_s"][str(smax)]) if base and "sample_s" in base else None
+        train = args.batch / r["train_step_s"] if "train_step_s" in r else None
+        train_floor = (r["train_step_s"] / (3 * flops * args.batch / floor_rate)) if train else None
+        cells = [label, fmt(lat * 1e3), f"{lat / floor_call:.2f}x"] + [fmt(ips[s]) for s in steps]
+        cells += [f"{vs:.2f}x" if vs else "–", f"{r['sample_s'][str(smax)] / sample_floor:.2f}x",
+                  f"{100 * r['zero_sample_s'] / r['sample_s'][str(smax)]:.1f}%",
+                  fmt(train), f"{train_floor:.2f}x" if train_floor else "–", fmt(r["peak_rss_mb"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Configurations: " + "; ".join(
+        f"**{label}**: " + (", ".join(f"{k}={v}" for k, v in r.items()
+                                      if k in ("blas", "blas_threads", "streams", "fastops", "device", "exporter"))
+                            or "defaults") for label, r in rows if "error" not in r) + "."]
+    if blas_rows:
+        lines += ["", "MLX with the BLAS bundled in the `mlx[cpu]` wheel vs OpenBLAS preloaded by hold_mlx "
+                      "(1024^2 matmul, 3x3 conv B=8 28x28 64->64, network call B=8):", "",
+                  "| BLAS | matmul GFLOP/s | conv (ms) | net call B=8 (ms) |", "|---|---|---|---|"]
+        for r in blas_rows:
+            if "error" in r:
+                lines.append(f"| error: {r['error']} | | | |")
+            else:
+                lines.append(f"| {r['blas']} | {fmt(r['matmul_gflops'])} | {fmt(r['conv_s'] * 1e3)} | "
+                             f"{fmt(r['net_s'] * 1e3)} |")
+    return "\n".join(lines)
+
+
+DOC_HEAD = """# Benchmarks
+
+Measured by `{command}` ({when}). The script prints this table and rewrites this file; rerun it
+on a quiet machine for figures you quote (other processes on the cores change every number).
+Column meanings: *net call* is one call of the score function at the sampling batch;
+*/ floor* divides a time by the FLOP floor (model FLOPs x images (x NFE) / the measured matmul
+rate; training counts 3x the forward FLOPs); *sampler overhead* is the time of a sample with a
+zero-cost score function as a fraction of the real sample (the same steps, noise and adapter);
+*peak RSS* is the backend process's peak resident memory. Notes on why each backend stands
+where it does: docs/performance.md.
+
+"""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="model to time (default: weights/fashion-mnist-hold, else random weights)")
+    p.add_argument("--threads", type=int, default=None, help="threads per backend (default: all cores)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, nargs="+", default=[50, 100])
+    p.add_argument("--repeats", type=int, default=5, help="repeats of the latency and train-step timings")
+    p.add_argument("--sample-repeats", type=int, default=1, help="repeats of each full sample")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="labels to run (default: all: " + ", ".join([c[0] for c in MLX_CONFIGS] + ["torch eager", "onnxruntime"]) + ")")
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-blas", action="store_true", help="skip the bundled-BLAS comparison")
+    p.add_argument("--quick", action="store_true", help="smoke run: --steps 5 10, one repeat, batch 16")
+    p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.worker:
+        fn = {"rate": rate_worker, "blas": blas_worker}.get(args.worker, worker)
+        print(json.dumps(fn(args)))
+        return
+    if args.quick:
+        args.steps, args.repeats, args.batch = [5, 10], 1, 16
+    sys.path.insert(0, str(ROOT))
+    shipped = ROOT / "weights" / "fashion-mnist-hold"
+    tmp = tempfile.TemporaryDirectory()
+    if args.checkpoint:
+        model_note = str(args.checkpoint)
+    elif shipped.exists():
+        args.checkpoint, model_note = shipped, "shipped weights/fashion-mnist-hold"
+    else:
+        args.checkpoint = Path(tmp.name) / "random.safetensors"
+        model_note = "fashion-mnist preset, random weights (weights/fashion-mnist-hold not shipped yet)"
+        write_random_checkpoint(args.checkpoint)
+    flops = model_flops_per_image(args.checkpoint)
+    configs = MLX_CONFIGS + [("torch eager", {}), ("onnxruntime", {})]
+    if args.backends:
+        configs = [c for c in configs if c[0] in args.backends]
+    rate = run_worker(args, "rate", {})
+    rows = []
+    for label, env in configs:
+        kind = "torch" if label.startswith("torch") else "onnx" if label.startswith("onnx") else "mlx"
+        print(f"timing {label} ...", file=sys.stderr, flush=True)
+        rows.append((label, run_worker(args, kind, env)))
+        print(json.dumps(rows[-1][1]), file=sys.stderr, flush=True)
+    blas_rows = []
+    if not args.no_blas and sys.platform != "darwin":
+        print("timing MLX with the bundled BLAS ...", file=sys.stderr, flush=True)
+        blas_rows = [run_worker(args, "blas", {"HOLD_MLX_BLAS": "none"}), run_worker(args, "blas", {})]
+    table = report(args, rows, rate, flops, blas_rows, model_note)
+    print(table)
+    if not args.no_docs:
+        doc = DOC_HEAD.format(command=COMMAND + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""),
+                              when=time.strftime("%Y-%m-%d"))
+        (ROOT / "docs").mkdir(exist_ok=True)
+        (ROOT / "docs" / "benchmarks.md").write_text(doc + table + "\n")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
