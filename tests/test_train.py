@@ -131,11 +131,11 @@ def test_compiled_training_lowers_the_loss(tmp_path):
     means = (2 * np.stack([np.cos(angles), np.sin(angles)], 1) - t.data.shift) / t.data.scale
     covs = np.array([np.diag(0.01 / np.asarray(t.data.scale) ** 2)] * 8)
     exact = ExactScore(t.sde, GaussianMixture(np.ones(8), means, covs))
-    ell, mixed = c["chol"][:, -1, -1, None], c["mixed"][:, None]
-
-    def optimum(u, tt):
-        u = np.array(u)
-        return mx.array((-ell * exact(u.astype(np.float64), np.array(tt)) - mixed * u[:, -2:]).astype(np.float32))
+    def optimum(u, tt):  # called on pieces of the batch (CPU streams): coefficients from tt
+        u, tt = np.array(u).astype(np.float64), np.array(tt).astype(np.float64)
+        piece = objective_coefficients(t.sde, tt)
+        ell, mixed = piece.chol[:, -1, -1, None], piece.mixed[:, None]
+        return mx.array((-ell * exact(u, tt) - mixed * u[:, -2:]).astype(np.float32))
 
     def loss(model):
         return score_matching_loss(model, t.sde.order, *args).item()
