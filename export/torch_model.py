@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hold_mlx.checkpoint import (CheckpointError, default_checkpoint, net_config_from, read_tensors,
+from hold_mlx.checkpoint import (check_tensors, default_checkpoint, net_config_from, read_tensors,
                                  resolve_model_file, sde_from_config)
 from hold_mlx.netconfig import NetConfig
 from hold_mlx.objective import score_scale
@@ -41,16 +41,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def load_weights(net: torch.nn.Module, tensors: dict[str, np.ndarray], source="checkpoint") -> None:
     """Load checkpoint-layout tensors into ``net`` strictly (every key, every shape)."""
     converted = checkpoint_to_torch(tensors, conv_weight_keys(net))
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not match the network config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in expected.items():
-        if tuple(converted[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{source}: {k} has shape {tuple(converted[k].shape)} after the layout "
-                                  f"map, the network expects {tuple(v.shape)}")
+    check_tensors(net.state_dict(), converted, source, note=" after the layout map")
     net.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in converted.items()})
 
 

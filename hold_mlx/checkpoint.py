@@ -24,7 +24,7 @@ import numpy as np
 __all__ = [
     "FORMAT_VERSION", "LAYOUT", "MODEL_FILE", "STATE_FILE", "CheckpointError", "atomic_write",
     "write_tensors", "read_tensors", "read_config", "resolve_model_file", "validate_config",
-    "load", "save", "default_checkpoint", "make_config", "sde_from_config",
+    "load", "save", "default_checkpoint", "make_config", "sde_from_config", "check_tensors",
 ]
 
 FORMAT_VERSION = 1
@@ -129,6 +129,20 @@ def validate_config(config: dict, path="checkpoint") -> dict:
     if config["layout"] != LAYOUT:
         raise CheckpointError(f"{path}: tensor layout {config['layout']!r}, expected {LAYOUT!r}")
     return config
+
+
+def check_tensors(expected: dict, tensors: dict, source="checkpoint", note: str = "") -> None:
+    """Raise a CheckpointError unless ``tensors`` has exactly the keys and shapes of ``expected``
+    (name -> anything with a .shape): a network loads its weights strictly, never partially."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match the network config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in expected.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: {k} has shape {tuple(tensors[k].shape)}{note}, "
+                                  f"the network expects {tuple(v.shape)}")
 
 
 def make_config(sde, net, data: dict, *, mixed_score: bool = True, weighting: str = "eps",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._mlx import cpu_streams, mx
-from .checkpoint import (CheckpointError, default_checkpoint, net_config_from, read_tensors,
+from .checkpoint import (check_tensors, default_checkpoint, net_config_from, read_tensors,
                          resolve_model_file, sde_from_config, write_tensors)
 from .nets import build_net
 from .objective import score_scale
@@ -48,15 +48,7 @@ def set_flat_params(net, tensors: dict[str, np.ndarray], source="checkpoint") ->
     from mlx.utils import tree_flatten, tree_unflatten
 
     expected = dict(tree_flatten(net.parameters()))
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not match the network config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in expected.items():
-        if tuple(tensors[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{source}: {k} has shape {tuple(tensors[k].shape)}, "
-                                  f"the network expects {tuple(v.shape)}")
+    check_tensors(expected, tensors, source)
     net.update(tree_unflatten([(k, mx.array(tensors[k])) for k in expected]))
 
 
