@@ -396,7 +396,8 @@ def _exp_step_with_noise(ctx: Context, u, b, t0: float, t1: float, z):
 # ----------------------------------------------------------------------------- adaptive momentum
 
 
-def ams(ctx: Context, u, ts, snr: float = 0.16, momentum: bool = True, corrector_steps: int = 1):
+def ams(ctx: Context, u, ts, snr: float = 0.16, momentum: bool = True, corrector_steps: int = 1,
+        norms: str = "sample"):
     """Predictor-corrector: a Lie-Trotter predictor step, then ``corrector_steps`` Langevin steps
     with adaptive momentum (AMS, Wen et al.) on the last block; 1 + corrector_steps NFE per step.
 
@@ -408,16 +409,26 @@ def ams(ctx: Context, u, ts, snr: float = 0.16, momentum: bool = True, corrector
         beta = clip(((1 - a~_prev L^) / (1 + a~_prev L^))^2, 0, 1 - 1e-4),
         alpha = 2 (snr |z| / |m_prev|)^2, m = beta m_prev + (1 - beta) s;
       a~ = alpha (1 + beta)^2, u_n += a~ m + sqrt(2 alpha) z.
-    The state (m, s, |Delta|, a~) carries over from step to step, as in the AMS code. Norms are
-    taken per sample, not averaged over the batch as in score_sde and AMS, so that a sample does
-    not depend on its batch; score_sde's alpha_t factor (1 - beta_i for VP) is taken as 1.
+    The state (m, s, |Delta|, a~) carries over from step to step, as in the AMS code; score_sde's
+    alpha_t factor (1 - beta_i for VP) is taken as 1.
+
+    norms="sample" (default) takes every norm per sample, so a sample does not depend on its
+    batch; this is sound for images, where a norm over thousands of numbers barely fluctuates, but
+    in a few dimensions |s| of one sample can be near 0 and its step size explode. norms="batch"
+    averages each norm over the batch as score_sde and the AMS code do (a sample then depends on
+    the batch it is drawn in).
     """
+    if norms not in ("sample", "batch"):
+        raise ValueError(f"unknown norms {norms!r}; choose sample or batch")
     if not snr > 0:
         raise ValueError(f"snr must be positive, got {snr}")
     if int(corrector_steps) != corrector_steps or corrector_steps < 1:
         raise ValueError(f"corrector_steps must be an integer >= 1, got {corrector_steps}")
     ops = ctx.ops
-    norm = lambda x: np.sqrt(ops.sum_squares(x))  # noqa: E731  (per sample, float64)
+    def norm(x):  # per sample (B,) float64, or the batch mean of the per-sample norms
+        values = np.sqrt(ops.sum_squares(x))
+        return values if norms == "sample" else np.full_like(values, values.mean())
+
     state = None  # (m, s, |Delta|, a~) of the previous corrector step
     for k, (t0, t1) in enumerate(_pairs(ts)):
         u = lie_trotter_step(ctx, u, t0, t1)
