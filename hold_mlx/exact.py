@@ -111,22 +111,73 @@ class ExactScore:
 
     def _terms(self, u: np.ndarray, times: np.ndarray, last_only: bool = False):
         """Per component: log weight + log density (K, R) and grad_u log N (K, R, n, d), or only
-        its last block (K, R, 1, d) with ``last_only`` (what a sampler needs)."""
-        n, d, mix = self.sde.order, self.mixture.dim, self.mixture
+        its last block (K, R, 1, d) with ``last_only`` (what a sampler needs).
+
+        With a few distinct times (a sampler's batch shares one) every M_i^-1 is computed
+        directly. With many (adaptive ODE solvers), M_i = Q + lam_i P is a rank-one update of Q,
+        and one Q^-1 per time replaces K d inverses (Sherman-Morrison); that update cancels
+        digits where Q is ill-conditioned (t -> 0), so those times stay on the direct path.
+        """
         p, Q, index = self._time_terms(times)
+        rank_one = (len(p) > self.max_direct_times) & (np.linalg.cond(Q) < 1e6)
+        K, n_out = len(self._V), 1 if last_only else self.sde.order
+        logs = np.empty((K, len(u)))
+        grads = np.empty((K, len(u), n_out, self.mixture.dim))
+        for use, solver in ((rank_one, self._rank_one_solver), (~rank_one, self._direct_solver)):
+            rows = use[index]
+            if rows.any():
+                used, local = np.unique(index[rows], return_inverse=True)
+                local = local.reshape(-1)
+                logs[:, rows], grads[:, rows] = self._component_terms(
+                    u[rows], p[used][local], solver(p[used], Q[used], local), last_only)
+        return logs, grads
+
+    #: Up to this many distinct times in a call, every n x n system is inverted directly.
+    max_direct_times = 16
+
+    def _component_terms(self, u, p_rows, solve, last_only):
+        n, d, mix = self.sde.order, self.mixture.dim, self.mixture
+        blocks = u.reshape(len(u), n, d)
+        logs, grads = [], []
+        for k, V in enumerate(self._V):
+            w = _rotate(blocks - p_rows[:, :, None] * mix.means[k][None, None, :], V)  # (R, n, d)
+            sol, logdet = solve(k, w)  # sol[:, :, i] = M_i^-1 w[:, :, i]; sum_i log det M_i
+            maha = (w * sol).sum((1, 2))
+            logs.append(np.log(mix.weights[k]) - 0.5 * (maha + logdet + n * d * np.log(2 * np.pi)))
+            grads.append(_rotate(-sol[:, -1:] if last_only else -sol, V.T))
+        return np.array(logs), np.array(grads)
+
+    def _direct_solver(self, p, Q, index):
         P = p[:, :, None] * p[:, None, :]
         M = self._lam[None, :, :, None, None] * P[:, None, None] + Q[:, None, None]  # (U, K, d, n, n)
         Minv = np.linalg.inv(M)
         logdet = np.linalg.slogdet(M)[1].sum(-1)  # (U, K)
-        blocks = u.reshape(len(u), n, d)
-        logs, grads = [], []
-        for k, V in enumerate(self._V):
-            w = _rotate(blocks - p[index][:, :, None] * mix.means[k][None, None, :], V)  # (R, n, d)
-            sol = np.einsum("rinm,rmi->rni", Minv[index, k], w)  # M_i^-1 w_i for every i
-            maha = (w * sol).sum((1, 2))
-            logs.append(np.log(mix.weights[k]) - 0.5 * (maha + logdet[index, k] + n * d * np.log(2 * np.pi)))
-            grads.append(_rotate(-sol[:, -1:] if last_only else -sol, V.T))
-        return np.array(logs), np.array(grads)
+        shared = len(p) == 1  # one time for the whole batch: no gathers
+
+        def solve(k, w):
+            Mk = Minv[:, k]
+            coef = (lambda a, b: Mk[0, :, a, b]) if shared else (lambda a, b: Mk[index, :, a, b])
+            return _apply(coef, w), logdet[index, k]
+
+        return solve
+
+    def _rank_one_solver(self, p, Q, index):
+        d = self.mixture.dim
+        Qinv = np.linalg.inv(Q)
+        q = np.einsum("unm,um->un", Qinv, p)
+        kappa = np.einsum("un,un->u", p, q)[index][:, None]  # (R, 1)
+        logdetQ = d * np.linalg.slogdet(Q)[1][index]
+        Qinv, q = Qinv[index], q[index]
+
+        def solve(k, w):
+            lam = self._lam[k][None, :]
+            Qw = _apply(lambda a, b: Qinv[:, a, b][:, None], w)
+            qw = np.einsum("rn,rnd->rd", q, w)
+            denom = 1.0 + lam * kappa  # (R, d)
+            sol = Qw - q[:, :, None] * (lam * qw / denom)[:, None, :]
+            return sol, logdetQ + np.log(denom).sum(1)
+
+        return solve
 
     def _evaluate(self, u, t, last_only: bool = False):
         u = np.asarray(u, dtype=np.float64)
@@ -158,6 +209,16 @@ class ExactScore:
         out = self._evaluate(u, t, last_only=True)[1]
         dtype = np.asarray(u).dtype
         return out.astype(dtype if np.issubdtype(dtype, np.floating) else np.float64)
+
+
+def _apply(coef, w: np.ndarray) -> np.ndarray:
+    """out[:, a] = sum_b coef(a, b) * w[:, b] for w (R, n, d): n^2 whole-array multiply-adds."""
+    n = w.shape[1]
+    out = np.zeros_like(w)
+    for a in range(n):
+        for b in range(n):
+            out[:, a] += coef(a, b) * w[:, b]
+    return out
 
 
 def _rotate(x: np.ndarray, V: np.ndarray) -> np.ndarray:

@@ -614,6 +614,14 @@ def test_exact_score_matches_the_dense_formula(case):
     np.testing.assert_allclose(score(u, times), full[:, -3:])
     # a row's value does not depend on the other rows' times
     np.testing.assert_allclose(score.full_score(u[2:3], times[2:3]), full[2:3], rtol=1e-12)
+    # many distinct times take the rank-one path (one time at a time takes the direct one)
+    many = np.concatenate([np.geomspace(1e-3, sde.T, 40), [0.0]])
+    v = rng.standard_normal((len(many), sde.order * 3)) * 0.5
+    together = score.full_score(v, many)
+    alone = np.concatenate([score.full_score(v[i:i + 1], many[i:i + 1]) for i in range(len(many))])
+    np.testing.assert_allclose(together, alone, rtol=1e-8, atol=1e-10 * np.abs(alone).max())
+    np.testing.assert_allclose(score.log_prob(v, many), [score.log_prob(v[i:i + 1], many[i])[0] for i in range(len(many))],
+                               rtol=1e-10)
 
 
 def test_exact_score_is_the_gradient_of_the_log_density_down_to_t_zero():
