@@ -72,6 +72,7 @@ SPECS = [
     Spec("strang", "strang"),
     Spec("euler-maruyama", "euler-maruyama"),
     Spec("ode-heun", "ode", {"method": "heun"}, 2.0),
+    Spec("ode-exp-heun", "ode", {"method": "exp-heun"}, 2.0),
     Spec(f"pm-bernoulli-K{PM_SUBSTEPS}", "poisson-midpoint", {"substeps": PM_SUBSTEPS, "variant": "bernoulli"},
          pm_calls_per_step(PM_SUBSTEPS, "bernoulli")),
     Spec(f"pm-one-K{PM_SUBSTEPS}", "poisson-midpoint", {"substeps": PM_SUBSTEPS, "variant": "one"},
@@ -192,7 +193,8 @@ def main(argv=None):
     specs, tolerances = SPECS, TOLERANCES
     if args.quick:
         dims, sdes, nfes = dims[:1], ["vp", "hold3"], [10, 50]
-        specs, tolerances = [s for s in SPECS if s.label in ("lie-trotter", "ode-heun", f"pm-one-K{PM_SUBSTEPS}")], (1e-2,)
+        specs = [s for s in SPECS if s.label in ("lie-trotter", "ode-exp-heun", f"pm-one-K{PM_SUBSTEPS}")]
+        tolerances = (1e-2,)
     started = time.time()
     results = {}
     for dim in dims:
