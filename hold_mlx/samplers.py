@@ -7,7 +7,19 @@ Coefficients are float64 NumPy n x n matrices from ``sde.py``; a step is a few m
 whole blocks with Python floats, which NumPy, MLX and torch arrays all support, so the same code
 runs on every backend (MATH.md §4 has the update rules).
 
-NFE convention: one batched ``score_fn`` call is one NFE, the final denoising call included.
+NFE convention: one batched ``score_fn`` call is one NFE, the final denoising call included
+(``denoise_final=False`` drops it). With ``steps = N``:
+
+    lie-trotter, strang, euler-maruyama, exp-euler   N + 1
+    ode (heun, exp-heun)                             2 N + 1
+    ode (rk45)                                       1 + 6 per attempted step + 1 (ignores N)
+    poisson-midpoint                                 N + (steps that drew a midpoint j >= 1) + 1,
+                                                     between N + 1 and 2 N + 1; the midpoints of
+                                                     a step go in ONE call on a k-fold batch
+    ams                                              (1 + corrector_steps) N + 1
+
+``SampleResult.nfe`` reports the count; ``SampleResult.evals`` counts network evaluations per
+sample (a call on a k-fold batch counts k).
 """
 
 from __future__ import annotations
