@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__
 
 SAMPLER_CHOICES = ("lie-trotter", "strang", "euler-maruyama", "exp-euler", "ode", "poisson-midpoint", "ams",
-                   "heun", "rk45", "plmc", "plmc-one", "sscs", "em")
+                   "heun", "exp-heun", "rk45", "plmc", "plmc-one", "sscs", "em")
 
 
 def friendly_errors(fn):
@@ -105,8 +105,8 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
               help="Run folder, .safetensors file or (with --backend onnx) .onnx file. Default: the "
                    "Fashion-MNIST HOLD model shipped in weights/.")
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Sampler steps (network calls: 1 per step for lie-trotter/strang/em, 2 for heun/ams, "
-                   "about 2 for poisson-midpoint; +1 for the final denoising step).")
+              help="Sampler steps (network calls: 1 per step for lie-trotter/strang/em, 2 for heun/exp-heun/ams, "
+                   "1 to 2 for poisson-midpoint; +1 for the final denoising step; rk45 ignores it).")
 @click.option("--sampler", type=click.Choice(SAMPLER_CHOICES, case_sensitive=False), default="lie-trotter",
               show_default=True, help="Reverse-time integrator (see README: Samplers).")
 @click.option("--n", "num", type=click.IntRange(min=1), default=64, show_default=True, help="Number of samples.")
@@ -122,13 +122,16 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
               help="portable: the same samples on every backend and batch size; native: the backend's RNG.")
 @click.option("--substeps", type=click.IntRange(min=1), default=None, help="poisson-midpoint: fine steps per step (K).")
 @click.option("--snr", type=float, default=None, help="ams: corrector signal-to-noise ratio.")
+@click.option("--norms", type=click.Choice(["sample", "batch"]), default=None,
+              help="ams: step-size norms per sample (default; batch-independent) or averaged over the batch "
+                   "(score_sde; use it for low-dimensional data).")
 @click.option("--no-denoise", is_flag=True, help="Skip the final noise-free denoising step.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
               help=".png writes a grid (a scatter plot for 2-D data); .npz writes key 'samples', float32, "
                    "images (N, H, W, C) in [0, 1].")
 @friendly_errors
 def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend, device, threads, noise,
-           substeps, snr, no_denoise, out):
+           substeps, snr, norms, no_denoise, out):
     """Draw samples from a trained model with the reverse-time SDE (or ODE)."""
     from tqdm import tqdm
 
@@ -142,6 +145,8 @@ def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend
         options["substeps"] = substeps
     if snr is not None:
         options["snr"] = snr
+    if norms is not None:
+        options["norms"] = norms
     batches = -(-num // batch_size)
     adaptive = sampler.lower() in ("rk45",)
     with tqdm(total=None if adaptive else steps * batches, unit="step", desc=f"sampling ({backend})",

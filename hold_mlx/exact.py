@@ -11,9 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sde import LinearSDE
+from .sde import LinearSDE, expm
 
-__all__ = ["GaussianMixture", "ExactScore", "checkerboard_like_mixture", "ring_mixture"]
+__all__ = [
+    "GaussianMixture", "ExactScore", "checkerboard_like_mixture", "ring_mixture", "mmd2_unbiased",
+    "sliced_wasserstein", "median_distance",
+]
 
 
 @dataclass
@@ -65,70 +68,162 @@ def _mixture_log_prob(x, weights, means, covs):
 
 
 class ExactScore:
-    """The score of the last block for a mixture data law under ``sde``, at any t.
+    """The score of the last block for a mixture data law under ``sde``, at any t >= 0.
 
     Call as ``score(u, t)`` with u a NumPy array (B, n*d) (blocks side by side) and t (B,) or a
     scalar; the result is (B, d). Works as a sampler ``score_fn`` with the NumPy adapter.
 
-    Per component, Cov_t = P (x) C_k + Q (x) I with P = a e1 e1^T a^T and
-    Q = a diag(0, aux) a^T + S - a S a^T (a = expm(F B(t)), S = Sigma_inf), so in the eigenbasis
-    of C_k the extended covariance splits into d independent n x n systems: exact, and cheap
-    enough for a different t per sample.
+    Per component, Cov_t = P (x) C_k + Q (x) I with P = p p^T, p = a e_1 (a = expm(F B(t))) and Q
+    the covariance of everything but the data at time t. In the eigenbasis of C_k the extended
+    covariance splits into d independent n x n systems M_i = Q + lam_i P: their inverses are
+    computed once per distinct time and component (a sampler's batch shares one time), so a call
+    costs little more than two d x d rotations per component. M_i stays well conditioned as
+    t -> 0 (the data block's variance is lam_i), so this is exact at t = 0 too.
     """
 
-    def __init__(self, sde: LinearSDE, mixture: GaussianMixture, chunk: int = 512):
+    def __init__(self, sde: LinearSDE, mixture: GaussianMixture, chunk: int = 1024):
         self.sde, self.mixture, self.chunk = sde, mixture, chunk
-        self._eig = [np.linalg.eigh(c) for c in mixture.covs]
+        eig = [np.linalg.eigh(c) for c in mixture.covs]
+        self._lam = np.array([lam for lam, _ in eig])  # (K, d)
+        self._V = [V for _, V in eig]
 
-    def _terms(self, u: np.ndarray, times: np.ndarray):
-        """Per component: log weight + log density (K, R) and grad_u log N (K, R, n, d)."""
-        sde, mix = self.sde, self.mixture
-        n, d = sde.order, mix.dim
-        a = sde.mean_coeff(times)  # (R, n, n)
+    def _time_terms(self, times: np.ndarray):
+        """p (U, n), Q (U, n, n) at the unique times, and the index of each row's time."""
+        sde, n = self.sde, self.sde.order
+        uniq, index = np.unique(times, return_inverse=True)
+        # W, the noise the forward process has added by time t: S - a S a^T loses every digit of
+        # the data block's tiny variance as t -> 0, so early times use Van Loan's
+        # expm([[-F, G G^T], [0, F^T]] B) = [[., a^-1 W], [0, a^T]] instead (whose a^-1 grows
+        # without bound at late times, where the stationary form is accurate).
+        dB = sde.B(uniq)[:, None, None]
+        block = np.zeros((len(uniq), 2 * n, 2 * n))
+        block[:, :n, :n] = -sde.F * dB
+        block[:, :n, n:] = np.outer(sde.G, sde.G) * dB
+        block[:, n:, n:] = sde.F.T * dB
+        E = expm(block)
+        a = np.swapaxes(E[:, n:, n:], -1, -2)
+        at = np.swapaxes(a, -1, -2)
         S = sde.stationary_cov()
-        Q = a @ sde.initial_cov @ np.swapaxes(a, -1, -2) + S - a @ S @ np.swapaxes(a, -1, -2)
-        p = a[:, :, 0]  # how the data mean spreads over the blocks
-        P = p[:, :, None] * p[:, None, :]
+        early = (np.abs(sde.F).sum(0).max() * dB[:, 0, 0] < 1.0)[:, None, None]
+        W = np.where(early, a @ E[:, :n, n:], S - a @ S @ at)
+        Q = a @ sde.initial_cov @ at + W
+        return a[:, :, 0], 0.5 * (Q + np.swapaxes(Q, -1, -2)), index.reshape(-1)
+
+    def _terms(self, u: np.ndarray, times: np.ndarray, last_only: bool = False):
+        """Per component: log weight + log density (K, R) and grad_u log N (K, R, n, d), or only
+        its last block (K, R, 1, d) with ``last_only`` (what a sampler needs).
+
+        With a few distinct times (a sampler's batch shares one) every M_i^-1 is computed
+        directly. With many (adaptive ODE solvers), M_i = Q + lam_i P is a rank-one update of Q,
+        and one Q^-1 per time replaces K d inverses (Sherman-Morrison); that update cancels
+        digits where Q is ill-conditioned (t -> 0), so those times stay on the direct path.
+        """
+        p, Q, index = self._time_terms(times)
+        rank_one = (len(p) > self.max_direct_times) & (np.linalg.cond(Q) < 1e6)
+        K, n_out = len(self._V), 1 if last_only else self.sde.order
+        logs = np.empty((K, len(u)))
+        grads = np.empty((K, len(u), n_out, self.mixture.dim))
+        for use, solver in ((rank_one, self._rank_one_solver), (~rank_one, self._direct_solver)):
+            rows = use[index]
+            if rows.any():
+                used, local = np.unique(index[rows], return_inverse=True)
+                local = local.reshape(-1)
+                logs[:, rows], grads[:, rows] = self._component_terms(
+                    u[rows], p[used][local], solver(p[used], Q[used], local), last_only)
+        return logs, grads
+
+    #: Up to this many distinct times in a call, every n x n system is inverted directly.
+    max_direct_times = 16
+
+    def _component_terms(self, u, p_rows, solve, last_only):
+        n, d, mix = self.sde.order, self.mixture.dim, self.mixture
         blocks = u.reshape(len(u), n, d)
         logs, grads = [], []
-        for k, (lam, V) in enumerate(self._eig):
-            w = (blocks - p[:, :, None] * mix.means[k][None, None, :]) @ V  # (R, n, d) rotated
-            M = lam[None, :, None, None] * P[:, None] + Q[:, None]  # (R, d, n, n)
-            wt = np.swapaxes(w, 1, 2)[..., None]  # (R, d, n, 1)
-            sol = np.linalg.solve(M, wt)[..., 0]  # (R, d, n)
-            _, logdet = np.linalg.slogdet(M)
-            maha = (sol * wt[..., 0]).sum((1, 2))
-            logs.append(np.log(mix.weights[k]) - 0.5 * (maha + logdet.sum(1) + n * d * np.log(2 * np.pi)))
-            grads.append(-np.swapaxes(sol, 1, 2) @ V.T)  # back to the data basis: (R, n, d)
+        for k, V in enumerate(self._V):
+            w = _rotate(blocks - p_rows[:, :, None] * mix.means[k][None, None, :], V)  # (R, n, d)
+            sol, logdet = solve(k, w)  # sol[:, :, i] = M_i^-1 w[:, :, i]; sum_i log det M_i
+            maha = (w * sol).sum((1, 2))
+            logs.append(np.log(mix.weights[k]) - 0.5 * (maha + logdet + n * d * np.log(2 * np.pi)))
+            grads.append(_rotate(-sol[:, -1:] if last_only else -sol, V.T))
         return np.array(logs), np.array(grads)
 
-    def _evaluate(self, u, t):
+    def _direct_solver(self, p, Q, index):
+        P = p[:, :, None] * p[:, None, :]
+        M = self._lam[None, :, :, None, None] * P[:, None, None] + Q[:, None, None]  # (U, K, d, n, n)
+        Minv = np.linalg.inv(M)
+        logdet = np.linalg.slogdet(M)[1].sum(-1)  # (U, K)
+        shared = len(p) == 1  # one time for the whole batch: no gathers
+
+        def solve(k, w):
+            Mk = Minv[:, k]
+            coef = (lambda a, b: Mk[0, :, a, b]) if shared else (lambda a, b: Mk[index, :, a, b])
+            return _apply(coef, w), logdet[index, k]
+
+        return solve
+
+    def _rank_one_solver(self, p, Q, index):
+        d = self.mixture.dim
+        Qinv = np.linalg.inv(Q)
+        q = np.einsum("unm,um->un", Qinv, p)
+        kappa = np.einsum("un,un->u", p, q)[index][:, None]  # (R, 1)
+        logdetQ = d * np.linalg.slogdet(Q)[1][index]
+        Qinv, q = Qinv[index], q[index]
+
+        def solve(k, w):
+            lam = self._lam[k][None, :]
+            Qw = _apply(lambda a, b: Qinv[:, a, b][:, None], w)
+            qw = np.einsum("rn,rnd->rd", q, w)
+            denom = 1.0 + lam * kappa  # (R, d)
+            sol = Qw - q[:, :, None] * (lam * qw / denom)[:, None, :]
+            return sol, logdetQ + np.log(denom).sum(1)
+
+        return solve
+
+    def _evaluate(self, u, t, last_only: bool = False):
         u = np.asarray(u, dtype=np.float64)
         times = np.broadcast_to(np.asarray(t, dtype=np.float64), (u.shape[0],))
         n, d = self.sde.order, self.mixture.dim
+        if u.ndim != 2 or u.shape[1] != n * d:
+            raise ValueError(f"u must be (B, {n * d}) (the {n} blocks side by side), got {u.shape}")
         logp = np.empty(len(u))
-        score = np.empty((len(u), n, d))
+        score = np.empty((len(u), 1 if last_only else n, d))
         for lo in range(0, len(u), self.chunk):
             sl = slice(lo, lo + self.chunk)
-            logs, grads = self._terms(u[sl], times[sl])
+            logs, grads = self._terms(u[sl], times[sl], last_only)
             top = logs.max(0)
             resp = np.exp(logs - top)
             total = resp.sum(0)
             logp[sl] = top + np.log(total)
             score[sl] = np.einsum("kr,krnd->rnd", resp / total, grads)
-        return logp, score.reshape(len(u), n * d)
+        return logp, score.reshape(len(u), -1)
 
     def log_prob(self, u, t) -> np.ndarray:
         """log p_t(u) of the extended state (B,), the auxiliary start included."""
-        return self._evaluate(u, t)[0]
+        return self._evaluate(u, t, last_only=True)[0]
 
     def full_score(self, u, t) -> np.ndarray:
         """grad_u log p_t(u) for all blocks, (B, n d)."""
         return self._evaluate(u, t)[1]
 
     def __call__(self, u, t):
-        d = self.mixture.dim
-        return self.full_score(u, t)[:, -d:].astype(np.asarray(u).dtype)
+        out = self._evaluate(u, t, last_only=True)[1]
+        dtype = np.asarray(u).dtype
+        return out.astype(dtype if np.issubdtype(dtype, np.floating) else np.float64)
+
+
+def _apply(coef, w: np.ndarray) -> np.ndarray:
+    """out[:, a] = sum_b coef(a, b) * w[:, b] for w (R, n, d): n^2 whole-array multiply-adds."""
+    n = w.shape[1]
+    out = np.zeros_like(w)
+    for a in range(n):
+        for b in range(n):
+            out[:, a] += coef(a, b) * w[:, b]
+    return out
+
+
+def _rotate(x: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """x @ V over the last axis of (R, n, d) as one matrix product (one BLAS call)."""
+    return (x.reshape(-1, x.shape[-1]) @ V).reshape(x.shape)
 
 
 def ring_mixture(k: int = 8, radius: float = 2.0, std: float = 0.15) -> GaussianMixture:
@@ -148,3 +243,51 @@ def checkerboard_like_mixture(dim: int, k: int = 8, seed: int = 0, spread: float
         scales = np.exp(rng.uniform(np.log(0.02), np.log(0.3), dim))
         covs.append((q * scales) @ q.T)
     return GaussianMixture(rng.uniform(0.5, 1.5, k), means, np.array(covs))
+
+
+# ----------------------------------------------------------------------------- sample quality
+
+
+def _sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    return np.maximum(d, 0.0)
+
+
+def median_distance(x: np.ndarray, max_points: int = 2000) -> float:
+    """Median pairwise Euclidean distance of (up to max_points of) x: the usual kernel scale."""
+    x = np.asarray(x, dtype=np.float64)[:max_points]
+    d = _sq_dists(x, x)[np.triu_indices(len(x), 1)]
+    return float(np.sqrt(np.median(d)))
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray, bandwidths) -> float:
+    """Unbiased MMD^2 between samples x (N, d) and y (M, d) for the kernel
+    k(a, b) = mean_h exp(-|a - b|^2 / (2 h^2)) over ``bandwidths`` (a multi-scale Gaussian kernel,
+    sensitive to both the mixture's layout and its components' widths). Its expectation is 0 when
+    x and y come from the same law, so estimates can be slightly negative."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+
+    def kernel_mean(a, b, same):
+        d = _sq_dists(a, b)
+        k = sum(np.exp(-d / (2.0 * h * h)) for h in bandwidths) / len(bandwidths)
+        if same:
+            n = len(a)
+            return (k.sum() - np.trace(k)) / (n * (n - 1))
+        return k.mean()
+
+    return float(kernel_mean(x, x, True) + kernel_mean(y, y, True) - 2.0 * kernel_mean(x, y, False))
+
+
+def sliced_wasserstein(x: np.ndarray, y: np.ndarray, projections: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance: sqrt of the mean over random unit directions of W2^2 between
+    the projected samples (quantiles matched by sorting; x and y may differ in size)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    dirs = np.random.default_rng(seed).standard_normal((x.shape[1], projections))
+    dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
+    px, py = np.sort(x @ dirs, axis=0), np.sort(y @ dirs, axis=0)
+    levels = (np.arange(max(len(px), len(py))) + 0.5) / max(len(px), len(py))
+    qx = px[np.minimum((levels * len(px)).astype(int), len(px) - 1)]
+    qy = py[np.minimum((levels * len(py)).astype(int), len(py) - 1)]
+    return float(np.sqrt(((qx - qy) ** 2).mean()))

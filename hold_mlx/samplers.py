@@ -7,11 +7,24 @@ Coefficients are float64 NumPy n x n matrices from ``sde.py``; a step is a few m
 whole blocks with Python floats, which NumPy, MLX and torch arrays all support, so the same code
 runs on every backend (MATH.md §4 has the update rules).
 
-NFE convention: one batched ``score_fn`` call is one NFE, the final denoising call included.
+NFE convention: one batched ``score_fn`` call is one NFE, the final denoising call included
+(``denoise_final=False`` drops it). With ``steps = N``:
+
+    lie-trotter, strang, euler-maruyama, exp-euler   N + 1
+    ode (heun, exp-heun)                             2 N + 1
+    ode (rk45)                                       1 + 6 per attempted step + 1 (ignores N)
+    poisson-midpoint                                 N + (steps that drew a midpoint j >= 1) + 1,
+                                                     between N + 1 and 2 N + 1; the midpoints of
+                                                     a step go in ONE call on a k-fold batch
+    ams                                              (1 + corrector_steps) N + 1
+
+``SampleResult.nfe`` reports the count; ``SampleResult.evals`` counts network evaluations per
+sample (a call on a k-fold batch counts k).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .backends import Ops
-from .sde import LinearSDE
+from .sde import LinearSDE, expm
 
 __all__ = [
     "Context", "SampleResult", "run_sampler", "time_grid", "resolve_sampler", "SAMPLERS",
@@ -37,8 +50,9 @@ def time_grid(sde: LinearSDE, steps: int, kind: str = "uniform") -> np.ndarray:
 
     "quadratic" is CLD's quadratic striding: dense near the data, tau_k = 1 - (1 - k/N)^2.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    steps = int(steps)
     frac = np.arange(steps + 1, dtype=np.float64) / steps
     if kind == "uniform":
         tau = frac
@@ -46,7 +60,9 @@ def time_grid(sde: LinearSDE, steps: int, kind: str = "uniform") -> np.ndarray:
         tau = 1.0 - (1.0 - frac) ** 2
     else:
         raise ValueError(f"unknown time grid {kind!r}; choose one of {', '.join(GRIDS)}")
-    return sde.T - (sde.T - sde.eps_sample) * tau
+    ts = sde.T - (sde.T - sde.eps_sample) * tau
+    ts[-1] = sde.eps_sample  # exactly, not up to rounding
+    return ts
 
 
 def mix(M: np.ndarray, blocks: list) -> list:
@@ -220,16 +236,59 @@ def _ode_rhs(ctx: Context):
     return rhs
 
 
+def ode_exp_coefficients(sde: LinearSDE, t0: float, t1: float):
+    """Exponential-integrator coefficients of the probability-flow ODE over [t1, t0] (float64).
+
+    In reverse time, per unit of B: du = (L u + N) dB with L = -F - G G^T Sigma_inf^-1 / 2 (for
+    the HOLD form a pure rotation, which Heun integrates unstably at large steps) and
+    N = sigma^2 b e_n / 2, b the score remainder. Returns E = expm(L h) and the last columns of
+    h phi_1(L h) and h phi_2(L h) times sigma^2 / 2 (h = B(t0) - B(t1)), read off one expm of
+    the augmented matrix [[L h, h, 0], [0, 0, 1], [0, 0, 0]] (blocks n x n).
+    """
+    n = sde.order
+    h = float(sde.B(t0) - sde.B(t1))
+    L = -sde.F - 0.5 * np.outer(sde.G, sde.G) @ np.linalg.inv(sde.stationary_cov())
+    big = np.zeros((3 * n, 3 * n))
+    big[:n, :n] = L * h
+    big[:n, n:2 * n] = np.eye(n) * h
+    big[n:2 * n, 2 * n:] = np.eye(n)
+    X = expm(big)
+    half = 0.5 * sde.sigma**2
+    return X[:n, :n], half * X[:n, 2 * n - 1], half * X[:n, 3 * n - 1]
+
+
+def _exp_heun(ctx: Context, u, ts):
+    """Exponential Heun (ETD2RK, Cox & Matthews 2002) on the probability-flow ODE: the linear part
+    exactly, the remainder to second order; 2 NFE per step."""
+    for k, (t0, t1) in enumerate(_pairs(ts)):
+        key = ("ode-exp", t0, t1)
+        if key not in ctx._cache:
+            ctx._cache[key] = ode_exp_coefficients(ctx.sde, t0, t1)
+        E, c1, c2 = ctx._cache[key]
+        n0 = ctx.remainder(u, t0)
+        a = mix(E, ctx.split(u))
+        a = ctx.join([blk + float(c) * n0 for blk, c in zip(a, c1)])
+        dn = ctx.remainder(a, t1) - n0
+        u = ctx.join([blk + float(c) * dn for blk, c in zip(ctx.split(a), c2)])
+        ctx.step_done(k, t1, u)
+    return u
+
+
 def ode(ctx: Context, u, ts, method: str = "heun", rtol: float = 1e-5, atol: float = 1e-5):
     """Probability-flow ODE. method="heun": fixed steps on ts, 2 NFE per step;
-    method="rk45": adaptive Dormand-Prince from ts[0] to ts[-1] with per-sample step sizes."""
+    "exp-heun": exponential Heun on ts (exact linear part), 2 NFE per step;
+    "rk45": adaptive Dormand-Prince from ts[0] to ts[-1] with per-sample step sizes."""
+    if method not in ("heun", "exp-heun", "rk45"):
+        raise ValueError(f"unknown ODE method {method!r}; choose heun, exp-heun or rk45")
+    if not (rtol > 0 and atol > 0):
+        raise ValueError(f"rtol and atol must be positive, got {rtol} and {atol}")
     rhs = _ode_rhs(ctx)
     if method == "rk45":
         (u,), _ = solve_rk45(rhs, [u], float(ts[0]), float(ts[-1]), ctx.ops, rtol=rtol, atol=atol,
                              callback=lambda k, t, ys: ctx.step_done(k, t, ys[0]))
         return u
-    if method != "heun":
-        raise ValueError(f"unknown ODE method {method!r}; choose heun or rk45")
+    if method == "exp-heun":
+        return _exp_heun(ctx, u, ts)
     for k, (t0, t1) in enumerate(_pairs(ts)):
         h = t1 - t0
         (d0,) = rhs([u], t0)
@@ -390,43 +449,62 @@ def _exp_step_with_noise(ctx: Context, u, b, t0: float, t1: float, z):
 # ----------------------------------------------------------------------------- adaptive momentum
 
 
-def ams(ctx: Context, u, ts, snr: float = 0.16, momentum: bool = True, corrector_steps: int = 1):
-    """Predictor-corrector: a Lie-Trotter predictor step, then ``corrector_steps`` adaptive-momentum
-    Langevin steps on the last block, which leave p(u_n | other blocks) invariant (AMS, Wen et al.).
+def ams(ctx: Context, u, ts, snr: float = 0.16, momentum: bool = True, corrector_steps: int = 1,
+        norms: str = "sample"):
+    """Predictor-corrector: a Lie-Trotter predictor step, then ``corrector_steps`` Langevin steps
+    with adaptive momentum (AMS, Wen et al.) on the last block; 1 + corrector_steps NFE per step.
 
-    Per sample (norms are per sample, so a sample does not depend on its batch):
-      alpha = 2 (snr |z| / |m|)^2 with m the direction applied (the score when momentum is off,
-      making this exactly score_sde's Langevin corrector), L^ = |s - s_prev| / |Delta_prev|,
-      beta = clip(((1 - a~ L^) / (1 + a~ L^))^2, 0, 1 - 1e-4), m = beta m + (1 - beta) s,
-      a~ = alpha (1 + beta)^2, u_n += a~ m + sqrt(2 alpha) z. State persists across steps.
-    2 NFE per step with one corrector step.
+    A step u_n <- u_n + a s + sqrt(2 a) z leaves p(u_n | other blocks) invariant, so the corrector
+    moves the last block only. Per sample, with z fresh noise and s the score:
+      first step (and always with momentum=False): beta = 0, m = s, alpha = 2 (snr |z| / |s|)^2,
+        which is score_sde's Langevin corrector;
+      later steps: L^ = |s - s_prev| / |Delta_prev| with Delta_prev = a~_prev m_prev,
+        beta = clip(((1 - a~_prev L^) / (1 + a~_prev L^))^2, 0, 1 - 1e-4),
+        alpha = 2 (snr |z| / |m_prev|)^2, m = beta m_prev + (1 - beta) s;
+      a~ = alpha (1 + beta)^2, u_n += a~ m + sqrt(2 alpha) z.
+    The state (m, s, |Delta|, a~) carries over from step to step, as in the AMS code; score_sde's
+    alpha_t factor (1 - beta_i for VP) is taken as 1.
+
+    norms="sample" (default) takes every norm per sample, so a sample does not depend on its
+    batch; this is sound for images, where a norm over thousands of numbers barely fluctuates, but
+    in a few dimensions |s| of one sample can be near 0 and its step size explode. norms="batch"
+    averages each norm over the batch as score_sde and the AMS code do (a sample then depends on
+    the batch it is drawn in).
     """
+    if norms not in ("sample", "batch"):
+        raise ValueError(f"unknown norms {norms!r}; choose sample or batch")
+    if not snr > 0:
+        raise ValueError(f"snr must be positive, got {snr}")
+    if int(corrector_steps) != corrector_steps or corrector_steps < 1:
+        raise ValueError(f"corrector_steps must be an integer >= 1, got {corrector_steps}")
     ops = ctx.ops
-    state = None  # (m, s_prev, delta_norm_prev, atilde_prev)
+    def norm(x):  # per sample (B,) float64, or the batch mean of the per-sample norms
+        values = np.sqrt(ops.sum_squares(x))
+        return values if norms == "sample" else np.full_like(values, values.mean())
+
+    state = None  # (m, s, |Delta|, a~) of the previous corrector step
     for k, (t0, t1) in enumerate(_pairs(ts)):
         u = lie_trotter_step(ctx, u, t0, t1)
-        for _ in range(corrector_steps):
+        for _ in range(int(corrector_steps)):
             blocks = ctx.split(u)
-            last = blocks[-1]
             s = ctx.score(u, t1)
-            z = ctx.noise.normal(ops, tuple(last.shape[1:]))
+            z = ctx.noise.normal(ops, tuple(s.shape[1:]))
             if state is None or not momentum:
-                beta = np.zeros(ctx.batch)
-                m = s
+                beta, m, direction = np.zeros(ctx.batch), s, norm(s)
             else:
-                m_prev, s_prev, delta_norm, atilde_prev = state
-                lhat = np.sqrt(ops.sum_squares(s - s_prev)) / np.maximum(delta_norm, 1e-30)
-                beta = np.clip(((1 - atilde_prev * lhat) / (1 + atilde_prev * lhat)) ** 2, 0.0, 1 - 1e-4)
+                m_prev, s_prev, delta_prev, atilde_prev = state
+                lhat = norm(s - s_prev) / np.maximum(delta_prev, 1e-30)
+                ratio = atilde_prev * lhat
+                beta = np.clip(((1.0 - ratio) / (1.0 + ratio)) ** 2, 0.0, 1.0 - 1e-4)
+                direction = norm(m_prev)
                 bb = ops.per_sample(beta, s.ndim)
                 m = bb * m_prev + (1.0 - bb) * s
-            z_norm = np.sqrt(ops.sum_squares(z))
-            m_norm = np.sqrt(ops.sum_squares(m))
-            alpha = 2.0 * (snr * z_norm / np.maximum(m_norm, 1e-30)) ** 2
+            alpha = 2.0 * (snr * norm(z) / np.maximum(direction, 1e-30)) ** 2
             atilde = alpha * (1.0 + beta) ** 2
-            step = ops.per_sample(atilde, m.ndim) * m
-            blocks[-1] = last + step + ops.per_sample(np.sqrt(2.0 * alpha), z.ndim) * z
+            blocks[-1] = (blocks[-1] + ops.per_sample(atilde, m.ndim) * m
+                          + ops.per_sample(np.sqrt(2.0 * alpha), z.ndim) * z)
             u = ctx.join(blocks)
-            state = (m, s, atilde * m_norm, atilde)
+            state = (m, s, atilde * norm(m), atilde)
         ctx.step_done(k, t1, u)
     return u
 
@@ -452,6 +530,7 @@ ALIASES: dict[str, tuple[str, dict]] = {
     "ei": ("exp-euler", {}),
     "heun": ("ode", {"method": "heun"}),
     "rk45": ("ode", {"method": "rk45"}),
+    "exp-heun": ("ode", {"method": "exp-heun"}),
     "ode-rk45": ("ode", {"method": "rk45"}),
     "plmc": ("poisson-midpoint", {}),
     "pm": ("poisson-midpoint", {}),
@@ -503,6 +582,12 @@ def run_sampler(sde: LinearSDE, score_fn: Callable, shape: tuple[int, ...], *, o
     (e.g. substeps for poisson-midpoint, snr for ams, method/rtol/atol for ode).
     """
     name, fn, implied = resolve_sampler(sampler)
+    options = {**implied, **options}
+    allowed = [p for p in inspect.signature(fn).parameters if p not in ("ctx", "u", "ts")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options are: {', '.join(allowed) or 'none'}")
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(f"shape must be (batch, ..., channels), got {shape}")
@@ -511,7 +596,7 @@ def run_sampler(sde: LinearSDE, score_fn: Callable, shape: tuple[int, ...], *, o
     ctx = Context(sde, score_fn, ops, noise, shape[0], callback)
     ts = time_grid(sde, steps, grid)
     u = prior_sample(ctx, shape)
-    u = fn(ctx, u, ts, **{**implied, **options})
+    u = fn(ctx, u, ts, **options)
     if denoise_final:
         u = denoise(ctx, u, float(ts[-1]))
     ops.eval(u)

@@ -32,16 +32,17 @@ def expm(a: np.ndarray) -> np.ndarray:
     so the result is accurate to rounding. Works for defective matrices (critical damping).
     """
     a = np.asarray(a, dtype=np.float64)
-    norm = np.abs(a).sum(axis=-2).max() if a.size else 0.0
-    s = max(0, int(math.ceil(math.log2(norm / 0.25)))) if norm > 0.25 else 0
-    x = a / 2.0**s
+    # Each matrix is scaled by its own norm, so a result never depends on the rest of the batch.
+    norm = np.abs(a).sum(axis=-2).max(axis=-1) if a.size else np.zeros(a.shape[:-2])
+    s = np.ceil(np.log2(np.maximum(norm, 0.25) / 0.25)).astype(int)
+    x = a / (2.0**s)[..., None, None]
     eye = np.broadcast_to(np.eye(a.shape[-1]), a.shape)
     result, term = eye.copy(), eye.copy()
     for k in range(1, 19):
         term = term @ x / k
         result = result + term
-    for _ in range(s):
-        result = result @ result
+    for j in range(int(s.max()) if s.size else 0):
+        result = np.where((j < s)[..., None, None], result @ result, result)
     return result
 
 
