@@ -194,13 +194,16 @@ def test_run_folder_contents(tiny_run):
 
 @pytest.mark.slow
 def test_mlp_learns_the_eight_gaussians(tmp_path):
-    """A briefly trained MLP samples the 2-D ring: every mode gets its share, few points stray."""
+    """A briefly trained MLP samples the 2-D ring: every mode gets its share, few points stray.
+
+    The budget matters: the modes (std 0.1 at radius 2) need the score at t < 0.1, which the MLP
+    learns last; at 2500 steps ~80% of the samples land within 0.5 of a mode, at 4000 ~98%."""
     from hold_mlx.data import make_toy
     from hold_mlx.runtime import draw_samples, load_runtime
     from hold_mlx.data import to_user_units
 
-    cfg = tiny_config(dataset="8gaussians", net="mlp", sde="hold", steps=2500, batch_size=256, lr=2e-3,
-                      warmup=100, save_every=2500, compile=True)
+    cfg = tiny_config(dataset="8gaussians", net="mlp", sde="hold", steps=4000, batch_size=256, lr=2e-3,
+                      warmup=100, save_every=4000, compile=True)
     out = tmp_path / "run"
     for _ in trainer(cfg, out).run():
         pass

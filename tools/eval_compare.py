@@ -11,7 +11,9 @@ budget it draws --n-samples samples (steps = NFE - 1 for the one-call-per-step s
 for heun/ams; the NFE column is the count the sampler reported) and scores them with
 FD-/KD-FMNIST-classifier against the same --n-ref training images; with --bpd-images N it also
 reports bits/dim of the first N test images (hutchinson, RK45 1e-5). Everything goes through the
-same library calls as `hold-mlx eval`. Add --fid-weights for FID/KID columns.
+same library calls as `hold-mlx eval`. Add --fid-weights for FID/KID columns. For images the
+last row is the floor: --n-samples held-out test images scored the same way (FD is biased at small
+N, so a model is judged against that row, not against zero).
 """
 
 from __future__ import annotations
@@ -105,6 +107,16 @@ def main():
                 k: (v if not isinstance(v, dict) else v["mean"]) for k, v in metrics.items()}), file=sys.stderr,
                 flush=True)
 
+    if cfg["kind"] == "image":  # the floor: held-out images scored exactly like the samples
+        test = load_dataset(cfg["name"], split="test")
+        pick = np.random.default_rng(args.seed).choice(len(test.data), min(args.n_samples, len(test.data)),
+                                                       replace=False)
+        metrics = sample_quality(test.to_user(test.data[pick]), reference, cfg, classifier=classifier,
+                                 fid_net=fid_net, seed=args.seed)
+        results.append({"model": "test images (floor)", "checkpoint": None, "sampler": "–", "steps": 0, "nfe": "–",
+                        "n_samples": len(pick), "reference": ref_source, "metrics": metrics,
+                        "bpd": {"mean": float("nan"), "stderr": float("nan")}, "wall_s": 0.0})
+
     metric_names = list(results[0]["metrics"])
     head = ["model", "sampler", "NFE", *metric_names] + (["bits/dim"] if args.bpd_images else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -114,7 +126,7 @@ def main():
             v = r["metrics"][m]
             cells.append(f"{v['mean']:.4f} ± {v['std']:.4f}" if isinstance(v, dict) else f"{v:.3f}")
         if args.bpd_images:
-            cells.append(f"{r['bpd']['mean']:.3f} ± {r['bpd']['stderr']:.3f}")
+            cells.append(f"{r['bpd']['mean']:.3f} ± {r['bpd']['stderr']:.3f}" if r["checkpoint"] else "–")
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     command = "python tools/eval_compare.py " + " ".join(sys.argv[1:])
