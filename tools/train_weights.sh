@@ -12,8 +12,8 @@ set -euo pipefail
 RUNS=${1:-runs}
 BACKEND=${BACKEND:-torch}
 DEVICE=${DEVICE:-cpu}
-COMPARE_STEPS=${COMPARE_STEPS:-5000}
-SHIP_STEPS=${SHIP_STEPS:-16000}
+COMPARE_STEPS=${COMPARE_STEPS:-4000}
+SHIP_STEPS=${SHIP_STEPS:-6000}
 COMPARE_THREADS=${COMPARE_THREADS:-1}
 common=(--dataset fashion-mnist --net fashion-mnist --batch-size 64 --lr 5e-4 --warmup 500
         --ema-decay 0.999 --save-every 250 --sample-every 2000 --seed 0 --backend "$BACKEND" --device "$DEVICE")

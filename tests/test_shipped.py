@@ -1,0 +1,69 @@
+"""The shipped Fashion-MNIST HOLD weights: present, the same model on MLX and torch, and (slow)
+samples the shipped classifier recognises as clothes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "fashion-mnist-hold"
+
+
+def test_shipped_weights_are_the_documented_model():
+    from hold_mlx.checkpoint import default_checkpoint, read_config
+
+    config = read_config(WEIGHTS / "model.safetensors")
+    assert default_checkpoint().resolve() == (WEIGHTS / "model.safetensors").resolve()
+    assert config["sde"]["name"] == "hold" and config["sde"]["order"] == 3
+    assert config["data"]["name"] == "fashion-mnist" and list(config["data"]["shape"]) == [28, 28, 1]
+    readme = (WEIGHTS.parent / "README.md").read_text()
+    assert f"step {config['step']}" in readme  # the README describes this very checkpoint
+
+
+def test_shipped_model_scores_agree_on_mlx_and_torch():
+    pytest.importorskip("torch")
+    import mlx.core as mx
+    import torch
+
+    from hold_mlx.runtime import load_runtime
+
+    mlx_rt, torch_rt = load_runtime(None, "mlx"), load_runtime(None, "torch")
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((4, 28, 28, 3)).astype(np.float32)
+    t = np.array([1e-3, 0.1, 0.5, 1.0], dtype=np.float32)
+    s_mlx = np.array(mlx_rt.score_fn(mx.array(u), mx.array(t)))
+    with torch.no_grad():
+        s_torch = torch_rt.score_fn(torch.from_numpy(u), torch.from_numpy(t)).numpy()
+    assert s_mlx.shape == (4, 28, 28, 1)
+    scale = np.abs(s_torch).max(axis=(1, 2, 3))
+    assert np.all(np.abs(s_mlx - s_torch).max(axis=(1, 2, 3)) <= 1e-4 * scale), (s_mlx - s_torch).max()
+
+
+@pytest.mark.slow
+def test_shipped_samples_look_like_fashion_mnist():
+    """64 samples at 50 Lie-Trotter steps, in the shipped classifier's feature space: far closer to
+    the training images than uniform noise is (KD, unbiased at any sample size), spread over
+    several classes."""
+    from hold_mlx.classifier import classifier_logits, load_classifier
+    from hold_mlx.data import load_dataset, to_user_units
+    from hold_mlx.quality import reference_images, sample_quality
+    from hold_mlx.runtime import draw_samples, load_runtime
+
+    rt = load_runtime(None, "mlx")
+    x, nfe = draw_samples(rt, 64, batch_size=64, steps=50, seed=0)
+    assert nfe == 51 and np.isfinite(x).all()
+    cfg = rt.config["data"]
+    images = to_user_units(x, cfg)
+    net, _ = load_classifier()
+    reference, _ = reference_images(cfg, 1000, seed=0)
+    test = load_dataset("fashion-mnist", split="test")
+
+    def kd(imgs):
+        return sample_quality(imgs, reference, cfg, classifier=net)["KD-FMNIST-classifier"]["mean"]
+
+    noise = np.random.default_rng(0).uniform(0, 1, images.shape).astype(np.float32)
+    kd_samples, kd_real, kd_noise = kd(images), kd(test.to_user(test.data[:64])), kd(noise)
+    assert kd_real < kd_samples < 0.3 * kd_noise, (kd_real, kd_samples, kd_noise)
+    assert np.unique(classifier_logits(net, images).argmax(1)).size >= 6
