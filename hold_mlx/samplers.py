@@ -478,6 +478,7 @@ def ams(ctx: Context, u, ts, snr: float = 0.16, momentum: bool = True, corrector
     if int(corrector_steps) != corrector_steps or corrector_steps < 1:
         raise ValueError(f"corrector_steps must be an integer >= 1, got {corrector_steps}")
     ops = ctx.ops
+
     def norm(x):  # per sample (B,) float64, or the batch mean of the per-sample norms
         values = np.sqrt(ops.sum_squares(x))
         return values if norms == "sample" else np.full_like(values, values.mean())
