@@ -67,3 +67,19 @@ def test_shipped_samples_look_like_fashion_mnist():
     kd_samples, kd_real, kd_noise = kd(images), kd(test.to_user(test.data[:64])), kd(noise)
     assert kd_real < kd_samples < 0.3 * kd_noise, (kd_real, kd_samples, kd_noise)
     assert np.unique(classifier_logits(net, images).argmax(1)).size >= 6
+
+
+def test_shipped_2d_demo_samples_the_eight_modes():
+    from hold_mlx.data import to_user_units
+    from hold_mlx.runtime import draw_samples, load_runtime
+
+    rt = load_runtime(WEIGHTS.parent / "8gaussians-hold", "mlx")
+    x, _ = draw_samples(rt, 1000, batch_size=1000, steps=100, seed=1)
+    pts = to_user_units(x, rt.config["data"])
+    angles = 2 * np.pi * np.arange(8) / 8
+    modes = 2 * np.stack([np.cos(angles), np.sin(angles)], 1)
+    dist = np.linalg.norm(pts[:, None, :] - modes[None], axis=-1)
+    near = dist.min(1) < 0.5  # the modes have std 0.1
+    assert near.mean() > 0.95
+    share = np.bincount(dist.argmin(1)[near], minlength=8) / near.sum()
+    assert np.all(np.abs(share - 1 / 8) < 0.06), share
