@@ -115,7 +115,7 @@ def main():
                                  fid_net=fid_net, seed=args.seed)
         results.append({"model": "test images (floor)", "checkpoint": None, "sampler": "–", "steps": 0, "nfe": "–",
                         "n_samples": len(pick), "reference": ref_source, "metrics": metrics,
-                        "bpd": {"mean": float("nan"), "stderr": float("nan")}, "wall_s": 0.0})
+                        "bpd": None, "wall_s": 0.0})
 
     metric_names = list(results[0]["metrics"])
     head = ["model", "sampler", "NFE", *metric_names] + (["bits/dim"] if args.bpd_images else [])
@@ -126,7 +126,7 @@ def main():
             v = r["metrics"][m]
             cells.append(f"{v['mean']:.4f} ± {v['std']:.4f}" if isinstance(v, dict) else f"{v:.3f}")
         if args.bpd_images:
-            cells.append(f"{r['bpd']['mean']:.3f} ± {r['bpd']['stderr']:.3f}" if r["checkpoint"] else "–")
+            cells.append(f"{r['bpd']['mean']:.3f} ± {r['bpd']['stderr']:.3f}" if r["bpd"] else "–")
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     command = "python tools/eval_compare.py " + " ".join(sys.argv[1:])
