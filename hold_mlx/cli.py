@@ -501,7 +501,8 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
 
 @main.command()
 def doctor():
-    """Report versions, the BLAS MLX uses, devices, datasets and shipped weights."""
+    """Report versions, the BLAS MLX uses, the native CPU kernels (built here on first use),
+    devices, datasets and shipped weights."""
     rows = [("hold-mlx", __version__), ("python", f"{platform.python_version()} ({sys.executable})"),
             ("platform", f"{platform.system()} {platform.machine()}")]
     try:
@@ -511,6 +512,11 @@ def doctor():
         from ._mlx import describe_cpu_tuning
 
         rows.append(("mlx CPU tuning", describe_cpu_tuning()))
+        from . import fastops, native
+
+        rows.append(("mlx native kernels", (("built: " if native.status().available else "unavailable: ")
+                                            + native.status().detail) if fastops.enabled()
+                     else "not used (MLX's own kernels are the fast ones here)"))
     except ImportError as err:
         rows.append(("mlx", f"not usable: {err}"))
     try:

@@ -4,7 +4,10 @@ MLX's CPU backend runs transcendental functions one element at a time (``mx.exp`
 ``nn.silu`` cost about 12 ns per float32), reduces over several axes slowly and lowers a 3x3
 convolution to an im2col copy plus a skinny GEMM. The functions here compute the same results
 from operations MLX's CPU backend runs well: multiply-adds that ``mx.compile`` fuses into one
-vectorised C++ loop, single-axis sums, and matrix products handed to BLAS.
+vectorised C++ loop, single-axis sums, and matrix products handed to BLAS. Where hold-mlx's
+native kernels are built (hold_mlx/native.py: C++ MLX primitives compiled for this CPU), the
+convolution and GroupNorm forward passes run in them instead; the MLX-ops versions remain the
+fallback and define the gradients.
 
 ``enabled()`` decides whether the networks use them: on by default when MLX computes on the CPU
 on Linux, off on a GPU (Metal, CUDA) and on macOS, where MLX's own kernels are fast.
@@ -15,6 +18,7 @@ tests/test_fastops.py.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -108,7 +112,34 @@ def _silu_vjp(primals, cotangent, output):
 
 def group_norm(x, weight, bias, groups: int, eps: float, act: bool = False):
     """torch-compatible GroupNorm over channels-last x (groups of adjacent channels), optionally
-    followed by SiLU in the same fused pass.
+    followed by SiLU in the same pass.
+
+    The native kernel (hold_mlx/csrc/group_norm.h) when it is built: one image at a time, its
+    three passes from cache and SiLU vectorised for this CPU. Its gradient is the gradient of
+    the MLX-ops version below, which is used directly where there is no native kernel.
+    """
+    if _native() is not None:
+        return _native_group_norm(groups, float(eps), bool(act))(x, weight, bias)
+    return _group_norm_mlx(x, weight, bias, groups, eps, act)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_group_norm(groups: int, eps: float, act: bool):
+    @mx.custom_function
+    def forward(x, weight, bias):
+        return _native().group_norm(x, weight, bias, groups, eps, act)
+
+    @forward.vjp
+    def backward(primals, cotangent, output):
+        g = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
+        _, grads = mx.vjp(lambda *a: _group_norm_mlx(*a, groups, eps, act), list(primals), [g])
+        return tuple(grads)
+
+    return forward
+
+
+def _group_norm_mlx(x, weight, bias, groups: int, eps: float, act: bool = False):
+    """GroupNorm (+ SiLU) from MLX operations.
 
     Statistics come from per-channel sums over the pixels (fast single-axis reductions) folded
     into groups; the variance is the mean of squared deviations (two-pass, like torch), and the
@@ -162,40 +193,75 @@ def _conv_taps(x, weight, bias=None):
     return out.reshape(b, h + 1, wp, -1)
 
 
-@mx.custom_function
-def conv3x3(x, weight, bias):
-    """3x3 convolution, stride 1, zero padding 1, channels last: x (B, H, W, C), weight (O, 3, 3, C),
-    bias (O,).
+def _native():
+    """The native CPU kernels (hold_mlx/native.py, built on first use), or None: where they cannot
+    be built, or when MLX computes on a GPU (fast ops forced on there)."""
+    if mx.default_device() != mx.cpu:
+        return None
+    from . import native
 
-    MLX's CPU convolution copies the input into an im2col matrix nine times its size, then runs
-    one skinny GEMM. Here the batch is laid out as one long image: each picture gets one zero
-    row above and one zero column on the left (a pixel's neighbour past the right edge is the
-    next row's zero), plus one zero picture at the end. Flattened to (pixels, C), tap (dy, dx)
-    of the kernel reads the same matrix shifted by dy (W+1) + dx rows, a contiguous slice, so
-    the convolution is nine accumulating GEMMs (``mx.addmm``) with no im2col copy. Outputs at
-    the frame positions are computed and dropped ((H+1)(W+1)/(HW) - 1 extra work: 7% at 28x28,
-    15% at 14x14, 31% at 7x7).
+    return native.load()
 
-    The gradient is written out (autodiff through nine slices would scatter nine full-size
-    zero arrays): dx is the same convolution of the output gradient with the flipped,
-    transposed kernel, and dW[:, dy, dx] is one GEMM of the gradient with tap (dy, dx).
-    """
+
+def _conv_same(x, weight, bias):
+    """3x3 'same' convolution without gradient bookkeeping: the native kernel when it is built
+    and the output has at least 16 channels (it works in blocks of 16-32 channels), else the
+    nine shifted GEMMs."""
+    native = _native()
+    if native is not None and weight.shape[0] >= 16:
+        return native.conv3x3(x, weight, bias)
     h, w = x.shape[1], x.shape[2]
     return _conv_taps(x, weight, bias)[:, :h, :w, :]
 
 
-@conv3x3.vjp
+@mx.custom_function
+def _conv3x3(x, weight, bias):
+    return _conv_same(x, weight, bias)
+
+
+@_conv3x3.vjp
 def _conv3x3_vjp(primals, cotangent, output):
+    # Written out: autodiff through the nine slices would scatter nine full-size zero arrays,
+    # and the native primitive has no VJP of its own.
     x, weight, _ = primals
     g = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
     b, h, w, c = x.shape
     o = weight.shape[0]
+    # dx: the same convolution of the output gradient with the flipped, transposed kernel.
     flipped = weight[:, ::-1, ::-1, :].transpose(3, 1, 2, 0)  # (C, 3, 3, O)
-    dx = _conv_taps(g, flipped)[:, :h, :w, :]
-    # The output gradient on the (B, H+1, W+1) grid, zero at the dropped frame positions.
+    dx = _conv_same(g, flipped, mx.zeros((c,), dtype=g.dtype))
+    # dW[:, dy, dx] = one GEMM of the gradient (on the framed grid, zero at the frame) with tap
+    # (dy, dx) of the framed input.
     g_grid = mx.pad(g, ((0, 0), (0, 1), (0, 1), (0, 0))).reshape(-1, o)
     flat, n, wp = _taps_layout(x)
     g_t = g_grid.T
     dw = mx.stack([g_t @ flat[dy * wp + dx_: dy * wp + dx_ + n] for dy in range(3) for dx_ in range(3)], axis=1)
     db = g.reshape(-1, o).sum(axis=0)
     return dx, dw.reshape(o, 3, 3, c), db
+
+
+def conv3x3(x, weight, bias):
+    """3x3 convolution, stride 1, zero padding 1, channels last: x (B, H, W, C), weight (O, 3, 3, C),
+    bias (O,).
+
+    Three ways, fastest first:
+
+    * the native kernel (hold_mlx/csrc/conv3x3.h), a direct convolution that keeps a tile of
+      pixels x output channels in vector registers; built for this CPU on first use;
+    * nine accumulating GEMMs. MLX's own CPU convolution copies the input into an im2col matrix
+      nine times its size, then runs one skinny GEMM. Here the batch is laid out as one long
+      image: each picture gets one zero row above and one zero column on the left (a pixel's
+      neighbour past the right edge is the next row's zero), plus one zero picture at the end.
+      Flattened to (pixels, C), tap (dy, dx) of the kernel reads the same matrix shifted by
+      dy (W+1) + dx rows, a contiguous slice, so the convolution is nine ``mx.addmm`` with no
+      im2col copy. Outputs at the frame positions are computed and dropped
+      ((H+1)(W+1)/(HW) - 1 extra work: 7% at 28x28, 15% at 14x14, 31% at 7x7);
+    * below 8x8 pixels without the native kernel, MLX's own convolution (the frame costs more
+      than it saves there).
+
+    The gradient is written out: dx is the same convolution of the output gradient with the
+    flipped, transposed kernel, and dW[:, dy, dx] is one GEMM of the gradient with tap (dy, dx).
+    """
+    if _native() is None and min(x.shape[1:3]) < 8:
+        return mx.conv2d(x, weight, padding=1) + bias
+    return _conv3x3(x, weight, bias)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+
 import numpy as np
 import pytest
 
@@ -84,3 +87,6 @@ def test_corrupted_checkpoint_is_one_line(tmp_path, tiny_run):
 def test_doctor_reports_blas_and_datasets():
     out = run_cli("doctor").stdout
     assert "mlx BLAS" in out and "fashion-mnist" in out and "torch" in out
+    native = next(line for line in out.splitlines() if line.startswith("mlx native kernels"))
+    if sys.platform == "linux" and shutil.which("g++"):  # the kernels build on such a machine
+        assert "built: " in native, native

@@ -55,9 +55,20 @@ def test_silu_gradient_matches_autodiff_of_stock():
     assert mx.abs(g - ref).max().item() < 5e-6
 
 
-@pytest.mark.parametrize("channels,groups", [(32, 8), (96, 8), (16, 4)])
+def _pick_path(path, monkeypatch):
+    """'native': the compiled kernels (skipped where they cannot be built); 'mlx': MLX ops only."""
+    if path == "native":
+        if fastops._native() is None:
+            pytest.skip("native kernels unavailable here (test_native.py says why)")
+    else:
+        monkeypatch.setattr(fastops, "_native", lambda: None)
+
+
+@pytest.mark.parametrize("path", ["native", "mlx"])
+@pytest.mark.parametrize("channels,groups", [(32, 8), (96, 8), (16, 4), (6, 3)])
 @pytest.mark.parametrize("act", [False, True])
-def test_group_norm_matches_stock_with_gradients(channels, groups, act):
+def test_group_norm_matches_stock_with_gradients(channels, groups, act, path, monkeypatch):
+    _pick_path(path, monkeypatch)
     mx.random.seed(channels + groups)
     x = 2.0 * mx.random.normal((4, 14, 14, channels)) + 0.7
     ref_layer = nn.GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
@@ -82,8 +93,14 @@ def test_group_norm_matches_stock_with_gradients(channels, groups, act):
         assert mx.abs(a - r).max().item() < 1e-4 * max(1.0, mx.abs(r).max().item())
 
 
-@pytest.mark.parametrize("shape,out_ch", [((3, 9, 11, 5), 7), ((2, 8, 8, 16), 16), ((1, 28, 28, 3), 4)])
-def test_conv3x3_matches_mlx_conv_with_gradients(shape, out_ch):
+CONV_CASES = [((3, 9, 11, 5), 7), ((2, 8, 8, 16), 16), ((1, 28, 28, 3), 4), ((2, 7, 31, 6), 40),
+              ((2, 5, 16, 24), 33), ((1, 4, 4, 8), 64)]
+
+
+@pytest.mark.parametrize("path", ["native", "mlx"])
+@pytest.mark.parametrize("shape,out_ch", CONV_CASES)
+def test_conv3x3_matches_mlx_conv_with_gradients(shape, out_ch, path, monkeypatch):
+    _pick_path(path, monkeypatch)
     mx.random.seed(sum(shape))
     x = mx.random.normal(shape)
     w = 0.3 * mx.random.normal((out_ch, 3, 3, shape[-1]))

@@ -17,7 +17,7 @@ random weights written to a temporary checkpoint. Rows:
 * the FLOP floor: model FLOPs per image x NFE / the machine's measured matmul rate, and
   achieved/floor per backend.
 
-MLX runs in several configurations (fast CPU ops on/off, threads, BLAS) so the table shows what
+MLX runs in several configurations (native kernels and fast CPU ops on/off, threads, BLAS) so the table shows what
 each setting buys; on a Mac (Metal) the fast CPU ops are off by default and the same script runs
 unchanged. The BLAS section times MLX with the BLAS bundled in the wheel against OpenBLAS.
 """
@@ -44,6 +44,7 @@ COMMAND = "python tools/benchmark.py"
 # (label, environment) of each MLX configuration. THREADS is replaced by --threads.
 MLX_CONFIGS = [
     ("mlx", {}),
+    ("mlx, no native kernels", {"HOLD_MLX_NATIVE": "0"}),
     ("mlx, 1 stream + BLAS threads", {"HOLD_MLX_THREADS": "1", "HOLD_MLX_BLAS_THREADS": "THREADS"}),
     ("mlx, stock ops", {"HOLD_MLX_FASTOPS": "0"}),
     ("mlx, stock ops, 32 MiB cache", {"HOLD_MLX_FASTOPS": "0", "HOLD_MLX_CACHE_MB": "0",
@@ -250,10 +251,11 @@ def worker(args) -> dict:
 
     result = {"backend": kind}
     if kind == "mlx":
-        from hold_mlx import _mlx, fastops
+        from hold_mlx import _mlx, fastops, native
 
         result.update(blas=_mlx.BLAS, blas_threads=_mlx.BLAS_THREADS, streams=len(_mlx.cpu_streams()),
-                      fastops=fastops.enabled(), device=str(_mlx.mx.default_device()))
+                      fastops=fastops.enabled(), native=fastops.enabled() and native.status().available,
+                      device=str(_mlx.mx.default_device()))
     with tempfile.TemporaryDirectory() as tmp:
         rt, how = load_backend(kind, Path(args.checkpoint), threads, Path(tmp))
         if how:

@@ -1,0 +1,142 @@
+// hold-mlx's native MLX CPU primitives, loaded by hold_mlx/native.py (which builds this file).
+//
+// conv3x3 (conv3x3.h) and group_norm (group_norm.h) are MLX Primitives whose eval_cpu runs the
+// kernel on the stream's own thread, so they compose with mx.compile, lazy evaluation and the
+// per-core streams like any MLX op. Gradients are taken in Python (hold_mlx/fastops.py)
+// through mx.custom_function; the primitives themselves are forward-only.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "conv3x3.h"
+#include "group_norm.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+
+namespace {
+
+// Allocates `out` and runs kernel(inputs, out) on the stream's thread, after the work queued
+// before it, as MLX's own CPU primitives do.
+template <class Kernel>
+void run_on_stream(const mx::Stream& stream, const std::vector<mx::array>& inputs, mx::array& out, Kernel kernel) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  std::vector<mx::array> held;
+  for (const auto& a : inputs) {
+    encoder.set_input_array(a);
+    held.push_back(mx::array::unsafe_weak_copy(a));
+  }
+  encoder.set_output_array(out);
+  encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out), kernel]() mutable {
+    kernel(held, out);
+  });
+}
+
+class Conv3x3 : public mx::Primitive {
+ public:
+  explicit Conv3x3(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    run_on_stream(stream(), inputs, outputs[0], [](std::vector<mx::array>& in, mx::array& out) {
+      const auto& x = in[0];
+      hold_native::conv3x3(x.data<float>(), in[1].data<float>(), in[2].data<float>(), out.data<float>(), x.shape(0),
+                           x.shape(1), x.shape(2), x.shape(3), in[1].shape(0));
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("hold_mlx native conv3x3 runs on the CPU only");
+  }
+
+  const char* name() const override { return "HoldConv3x3"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class GroupNorm : public mx::Primitive {
+ public:
+  GroupNorm(mx::Stream stream, int groups, float eps, bool act)
+      : mx::Primitive(stream), groups_(groups), eps_(eps), act_(act) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    run_on_stream(stream(), inputs, outputs[0],
+                  [groups = groups_, eps = eps_, act = act_](std::vector<mx::array>& in, mx::array& out) {
+                    const auto& x = in[0];
+                    const int channels = x.shape(-1), batch = x.shape(0);
+                    const int pixels = int(x.size() / (std::size_t(batch) * channels));
+                    hold_native::group_norm(x.data<float>(), in[1].data<float>(), in[2].data<float>(),
+                                            out.data<float>(), batch, pixels, channels, groups, eps, act);
+                  });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("hold_mlx native group_norm runs on the CPU only");
+  }
+
+  const char* name() const override { return "HoldGroupNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const GroupNorm&>(other);
+    return groups_ == o.groups_ && eps_ == o.eps_ && act_ == o.act_;
+  }
+
+ private:
+  int groups_;
+  float eps_;
+  bool act_;
+};
+
+std::string shape_str(const mx::array& a) {
+  std::string s = "(";
+  for (int i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + ")";
+}
+
+mx::array conv3x3(const mx::array& x, const mx::array& weight, const mx::array& bias, mx::StreamOrDevice s) {
+  if (x.ndim() != 4 || weight.ndim() != 4 || bias.ndim() != 1 || weight.shape(1) != 3 || weight.shape(2) != 3 ||
+      weight.shape(3) != x.shape(3) || bias.shape(0) != weight.shape(0))
+    throw std::invalid_argument("conv3x3: expected x (B, H, W, C), weight (O, 3, 3, C), bias (O,); got " +
+                                shape_str(x) + ", " + shape_str(weight) + ", " + shape_str(bias));
+  if (x.dtype() != mx::float32 || weight.dtype() != mx::float32 || bias.dtype() != mx::float32)
+    throw std::invalid_argument("conv3x3: float32 arrays only");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("conv3x3: needs a CPU stream");
+  return mx::array({x.shape(0), x.shape(1), x.shape(2), weight.shape(0)}, mx::float32,
+                   std::make_shared<Conv3x3>(stream),
+                   {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream),
+                    mx::contiguous(bias, false, stream)});
+}
+
+mx::array group_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps,
+                     bool act, mx::StreamOrDevice s) {
+  if (x.ndim() < 2 || weight.ndim() != 1 || bias.ndim() != 1 || weight.shape(0) != x.shape(-1) ||
+      bias.shape(0) != x.shape(-1))
+    throw std::invalid_argument("group_norm: expected x (B, ..., C), weight (C,), bias (C,); got " + shape_str(x) +
+                                ", " + shape_str(weight) + ", " + shape_str(bias));
+  if (groups < 1 || x.shape(-1) % groups != 0)
+    throw std::invalid_argument("group_norm: " + std::to_string(x.shape(-1)) + " channels do not split into " +
+                                std::to_string(groups) + " groups");
+  if (x.dtype() != mx::float32 || weight.dtype() != mx::float32 || bias.dtype() != mx::float32)
+    throw std::invalid_argument("group_norm: float32 arrays only");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("group_norm: needs a CPU stream");
+  return mx::array(x.shape(), mx::float32, std::make_shared<GroupNorm>(stream, groups, eps, act),
+                   {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream),
+                    mx::contiguous(bias, false, stream)});
+}
+
+}  // namespace
+
+NB_MODULE(_hold_native, m) {
+  m.doc() = "hold-mlx native MLX CPU primitives";
+  m.def("conv3x3", &conv3x3, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::kw_only(),
+        nb::arg("stream") = nb::none(),
+        "3x3 convolution, stride 1, zero padding 1: x (B, H, W, C), weight (O, 3, 3, C), bias (O,).");
+  m.def("group_norm", &group_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("groups"),
+        nb::arg("eps"), nb::arg("act") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "torch's GroupNorm over channels-last x (B, ..., C), then SiLU if act.");
+}

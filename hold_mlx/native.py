@@ -1,0 +1,186 @@
+"""Native MLX CPU primitives (hold_mlx/csrc), compiled for this machine on first use.
+
+MLX takes custom CPU kernels only as C++ primitives (``mx.fast`` has Metal and CUDA kernels
+only). hold-mlx ships the source and builds it the way ``mx.compile`` builds its own CPU code:
+with the machine's C++ compiler, for the machine's CPU (``-march=native``), once, into a cache
+directory keyed by everything the binary depends on. The Python binding uses nanobind in MLX's
+nanobind domain, so the extension takes and returns ``mx.array`` directly.
+
+``load()`` never raises: if anything is missing (no compiler, no nanobind, headers that do not
+match) it returns None, ``status()`` says why, and callers keep their pure-MLX path.
+``HOLD_MLX_NATIVE=0`` turns the native kernels off; ``=1`` makes a failed build an error.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._mlx import mx, nn
+
+_SOURCE_DIR = Path(__file__).parent / "csrc"
+_SOURCES = ("hold_native.cpp", "conv3x3.h", "group_norm.h")
+_MODULE = "_hold_native"
+
+
+@dataclass(frozen=True)
+class Status:
+    available: bool
+    detail: str  # the library's path, or why there is none
+
+
+_status: Status | None = None
+_module = None
+
+
+def _choice() -> str:
+    choice = os.environ.get("HOLD_MLX_NATIVE", "auto").strip().lower()
+    return {"1": "on", "true": "on", "on": "on", "yes": "on",
+            "0": "off", "false": "off", "off": "off", "no": "off"}.get(choice, "auto")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("HOLD_MLX_NATIVE_DIR"):
+        return Path(os.environ["HOLD_MLX_NATIVE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hold-mlx" / "native"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _cpu_flags() -> str:
+    try:  # -march=native: a binary built on one CPU may not run on another
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _defines() -> list[str]:
+    """Constants the C++ takes from Python, so each has one source: SiLU's tanh coefficients."""
+    from .fastops import _TANH_P, _TANH_Q
+
+    def c_array(values):
+        return "{" + ", ".join(f"{v!r}f" for v in values) + "}"
+
+    return [f"-DHOLD_TANH_P={c_array(_TANH_P)}", f"-DHOLD_TANH_Q={c_array(_TANH_Q)}"]
+
+
+def _build_key(cxx: str, nanobind_version: str) -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((_SOURCE_DIR / name).read_bytes())
+    for part in (mx.__version__, nanobind_version, sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "",
+                 cxx, _cpu_flags(), *_defines()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _compile(cxx: str, target: Path) -> None:
+    import nanobind
+
+    mlx_dir = Path(mx.__file__).parent
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    cmd = [cxx, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden",
+           "-fno-strict-aliasing", "-DNDEBUG", "-DNB_DOMAIN=mlx",  # MLX's nanobind domain: shared array type
+           *_defines(),
+           f"-I{nanobind.include_dir()}", f"-I{Path(nanobind.source_dir()).parent / 'ext' / 'robin_map' / 'include'}",
+           f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
+           str(_SOURCE_DIR / "hold_native.cpp"), str(Path(nanobind.source_dir()) / "nb_combined.cpp"),
+           f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-o", str(tmp)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise RuntimeError(f"{Path(cxx).name} failed ({done.returncode}): {tail}")
+        os.replace(tmp, target)  # atomic: another process never loads a half-written library
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(f"hold_mlx.{_MODULE}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _self_check(module) -> None:
+    """The binding must accept MLX's arrays (same nanobind ABI) and agree with MLX's own ops."""
+    with mx.stream(mx.cpu):
+        x = mx.random.normal((2, 5, 7, 4), key=mx.random.key(0))
+        w = mx.random.normal((17, 3, 3, 4), key=mx.random.key(1))
+        b = mx.random.normal((17,), key=mx.random.key(2))
+        errors = {
+            "conv3x3": mx.abs(module.conv3x3(x, w, b) - (mx.conv2d(x, w, padding=1) + b)).max().item(),
+            "group_norm": mx.abs(module.group_norm(x, b[:4], w[0, 0, 0], 2, 1e-6)
+                                 - nn.GroupNorm(2, 4, pytorch_compatible=True, eps=1e-6).update(
+                                     {"weight": b[:4], "bias": w[0, 0, 0]})(x)).max().item(),
+        }
+    for name, err in errors.items():
+        if not err < 1e-4:
+            raise RuntimeError(f"self-check failed: {name} differs from MLX's own op by {err:.3g}")
+
+
+def _build_and_load() -> tuple[object | None, Status]:
+    if sys.platform == "win32":
+        return None, Status(False, "not supported on Windows")
+    try:
+        import nanobind
+    except ImportError:
+        return None, Status(False, "nanobind is not installed (pip install nanobind)")
+    cxx = _compiler()
+    if cxx is None:
+        return None, Status(False, "no C++ compiler found (install g++, or set CXX)")
+    directory = cache_dir()
+    key = _build_key(cxx, nanobind.__version__)
+    target = directory / f"{_MODULE}-{key}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    failed = directory / f"{_MODULE}-{key}.failed"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / f"{_MODULE}-{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait and load it
+            if failed.exists():  # do not retry a build that failed with these exact inputs
+                return None, Status(False, failed.read_text().strip() + f" (cached; delete {failed} to retry)")
+            if not target.exists():
+                try:
+                    _compile(cxx, target)
+                except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+                    failed.write_text(f"build failed: {err}\n")
+                    return None, Status(False, f"build failed: {err}")
+        module = _import(target)
+        _self_check(module)
+    except Exception as err:  # noqa: BLE001 - any failure means: use the pure-MLX path
+        return None, Status(False, f"{type(err).__name__}: {err}")
+    return module, Status(True, str(target))
+
+
+def load():
+    """The native module, or None (see ``status()``). Built on the first call of a process."""
+    global _module, _status
+    if _status is None:
+        if _choice() == "off":
+            _status = Status(False, "off (HOLD_MLX_NATIVE=0)")
+        else:
+            _module, _status = _build_and_load()
+            if _module is None and _choice() == "on":
+                raise RuntimeError(f"HOLD_MLX_NATIVE=1 but the native kernels are unavailable: {_status.detail}")
+    return _module
+
+
+def status() -> Status:
+    load()
+    return _status
