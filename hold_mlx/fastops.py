@@ -230,13 +230,16 @@ def _conv3x3_vjp(primals, cotangent, output):
     # dx: the same convolution of the output gradient with the flipped, transposed kernel.
     flipped = weight[:, ::-1, ::-1, :].transpose(3, 1, 2, 0)  # (C, 3, 3, O)
     dx = _conv_same(g, flipped, mx.zeros((c,), dtype=g.dtype))
+    db = g.reshape(-1, o).sum(axis=0)
+    native = _native()
+    if native is not None and o % 16 == 0:
+        return dx, native.conv3x3_weight_grad(x, g), db
     # dW[:, dy, dx] = one GEMM of the gradient (on the framed grid, zero at the frame) with tap
     # (dy, dx) of the framed input.
     g_grid = mx.pad(g, ((0, 0), (0, 1), (0, 1), (0, 0))).reshape(-1, o)
     flat, n, wp = _taps_layout(x)
     g_t = g_grid.T
     dw = mx.stack([g_t @ flat[dy * wp + dx_: dy * wp + dx_ + n] for dy in range(3) for dx_ in range(3)], axis=1)
-    db = g.reshape(-1, o).sum(axis=0)
     return dx, dw.reshape(o, 3, 3, c), db
 
 

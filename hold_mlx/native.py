@@ -126,6 +126,8 @@ def _self_check(module) -> None:
         b = mx.random.normal((17,), key=mx.random.key(2))
         errors = {
             "conv3x3": mx.abs(module.conv3x3(x, w, b) - (mx.conv2d(x, w, padding=1) + b)).max().item(),
+            "conv3x3_weight_grad": mx.abs(module.conv3x3_weight_grad(x, x[..., :1] * b[:16]) - mx.grad(
+                lambda w: (mx.conv2d(x, w, padding=1) * x[..., :1] * b[:16]).sum())(w[:16])).max().item(),
             "group_norm": mx.abs(module.group_norm(x, b[:4], w[0, 0, 0], 2, 1e-6)
                                  - nn.GroupNorm(2, 4, pytorch_compatible=True, eps=1e-6).update(
                                      {"weight": b[:4], "bias": w[0, 0, 0]})(x)).max().item(),

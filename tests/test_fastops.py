@@ -94,7 +94,7 @@ def test_group_norm_matches_stock_with_gradients(channels, groups, act, path, mo
 
 
 CONV_CASES = [((3, 9, 11, 5), 7), ((2, 8, 8, 16), 16), ((1, 28, 28, 3), 4), ((2, 7, 31, 6), 40),
-              ((2, 5, 16, 24), 33), ((1, 4, 4, 8), 64)]
+              ((2, 5, 16, 24), 33), ((1, 4, 4, 8), 64), ((2, 6, 15, 17), 48)]
 
 
 @pytest.mark.parametrize("path", ["native", "mlx"])

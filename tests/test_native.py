@@ -56,11 +56,26 @@ def test_conv_matches_mlx_compiled_and_on_other_streams(shape, out_ch):
     assert mx.abs(other - want).max().item() < 1e-5 * scale
 
 
+@pytest.mark.parametrize("shape,out_ch", [((2, 28, 28, 32), 32), ((3, 14, 14, 96), 64), ((2, 7, 9, 3), 16)])
+def test_weight_gradient_matches_mlx_autodiff(shape, out_ch):
+    module = _module()
+    mx.random.seed(shape[-1])
+    x = mx.random.normal(shape)
+    w = mx.random.normal((out_ch, 3, 3, shape[-1]))
+    g = mx.random.normal(shape[:3] + (out_ch,))
+    want = mx.grad(lambda w: (mx.conv2d(x, w, padding=1) * g).sum())(w)
+    got = module.conv3x3_weight_grad(x, g)
+    assert got.shape == want.shape
+    assert mx.abs(got - want).max().item() < 1e-5 * max(1.0, mx.abs(want).max().item())
+
+
 def test_bad_shapes_and_dtypes_are_refused():
     module = _module()
     x = mx.zeros((1, 8, 8, 4))
     with pytest.raises(ValueError, match="weight"):
         module.conv3x3(x, mx.zeros((16, 3, 3, 5)), mx.zeros((16,)))
+    with pytest.raises(ValueError, match="multiple of"):
+        module.conv3x3_weight_grad(x, mx.zeros((1, 8, 8, 17)))
     with pytest.raises(ValueError, match="float32"):
         module.conv3x3(x.astype(mx.float16), mx.zeros((16, 3, 3, 4), dtype=mx.float16),
                        mx.zeros((16,), dtype=mx.float16))

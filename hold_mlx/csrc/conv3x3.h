@@ -123,4 +123,86 @@ inline void conv3x3(const float* x, const float* weight, const float* bias, floa
   }
 }
 
+// ----------------------------------------------------------------------------- weight gradient
+
+// acc[i][v] = sum over the P pixels p of src[p, i] * g[p, v * kLanes ...]: NC input channels
+// times NV vectors of output channels, accumulated in registers over a whole image.
+template <int NC, int NV>
+inline void weight_grad_tile(const float* __restrict src, int C, int W, std::ptrdiff_t row_pitch,
+                             const float* __restrict g, int O, int H, float* __restrict dw, int o_pitch) {
+  vec acc[NC][NV] = {};
+  for (int y = 0; y < H; ++y)
+    for (int x = 0; x < W; ++x) {
+      const float* s = src + y * row_pitch + x * C;
+      const float* gp = g + (std::size_t(y) * W + x) * O;
+      vec gv[NV];
+      for (int v = 0; v < NV; ++v) std::memcpy(&gv[v], gp + v * kLanes, sizeof(vec));
+      for (int i = 0; i < NC; ++i) {
+        const float xi = s[i];
+        for (int v = 0; v < NV; ++v) acc[i][v] += xi * gv[v];
+      }
+    }
+  for (int i = 0; i < NC; ++i)
+    for (int v = 0; v < NV; ++v) {
+      vec d;
+      std::memcpy(&d, dw + i * o_pitch + v * kLanes, sizeof(vec));
+      d += acc[i][v];
+      std::memcpy(dw + i * o_pitch + v * kLanes, &d, sizeof(vec));
+    }
+}
+
+template <int NV>
+inline void weight_grad_channels(const float* src, int C, int W, std::ptrdiff_t row_pitch, const float* g, int O,
+                                 int H, float* dw, int o_pitch) {
+  int c = 0;
+  for (; c + kMaxPixels <= C; c += kMaxPixels)
+    weight_grad_tile<kMaxPixels, NV>(src + c, C, W, row_pitch, g, O, H, dw + c * o_pitch, o_pitch);
+  src += c;
+  dw += c * o_pitch;
+  switch (C - c) {
+#define HOLD_TAIL(n)                                                                                        \
+  case n:                                                                                                   \
+    if constexpr (n < kMaxPixels) weight_grad_tile<n, NV>(src, C, W, row_pitch, g, O, H, dw, o_pitch);     \
+    break;
+    HOLD_TAIL(1) HOLD_TAIL(2) HOLD_TAIL(3) HOLD_TAIL(4) HOLD_TAIL(5) HOLD_TAIL(6) HOLD_TAIL(7)
+    HOLD_TAIL(8) HOLD_TAIL(9) HOLD_TAIL(10) HOLD_TAIL(11) HOLD_TAIL(12) HOLD_TAIL(13)
+#undef HOLD_TAIL
+    default:
+      break;
+  }
+}
+
+// The gradient of conv3x3's weight: x (B, H, W, C), g = dL/dout (B, H, W, O) with O a multiple
+// of kLanes, dw (O, 3, 3, C). dw[o, dy, dx, c] = sum over pixels of g[p, o] * x[p + (dy-1, dx-1), c].
+// The same register tiling as the forward pass with the roles swapped: a tile holds input
+// channels x output channels and the reduction runs over one image's pixels.
+inline void conv3x3_weight_grad(const float* x, const float* g, float* dw, int B, int H, int W, int C, int O) {
+  constexpr int kBlock = 2 * kLanes;
+  const int o_pitch = O;  // O is a multiple of kLanes: no padding needed
+  thread_local std::vector<float> acc, framed;
+  acc.assign(std::size_t(9) * C * o_pitch, 0.f);  // (tap, C, O)
+  const int Wf = W + 2;
+  const std::ptrdiff_t row_pitch = std::ptrdiff_t(Wf) * C;
+  framed.assign(std::size_t(H + 2) * row_pitch, 0.f);
+  for (int n = 0; n < B; ++n) {
+    const float* xn = x + std::size_t(n) * H * W * C;
+    for (int y = 0; y < H; ++y)
+      std::memcpy(&framed[(y + 1) * row_pitch + C], xn + std::size_t(y) * W * C, std::size_t(W) * C * sizeof(float));
+    const float* gn = g + std::size_t(n) * H * W * O;
+    for (int t = 0; t < 9; ++t) {
+      const float* src = &framed[(t / 3) * row_pitch + (t % 3) * C];
+      for (int o0 = 0; o0 < O; o0 += kBlock) {
+        float* d = &acc[std::size_t(t) * C * o_pitch + o0];
+        if (O - o0 >= kBlock)
+          weight_grad_channels<2>(src, C, W, row_pitch, gn + o0, O, H, d, o_pitch);
+        else
+          weight_grad_channels<1>(src, C, W, row_pitch, gn + o0, O, H, d, o_pitch);
+      }
+    }
+  }
+  for (int o = 0; o < O; ++o)
+    for (int t = 0; t < 9; ++t)
+      for (int c = 0; c < C; ++c) dw[(std::size_t(o) * 9 + t) * C + c] = acc[(std::size_t(t) * C + c) * o_pitch + o];
+}
+
 }  // namespace hold_native

@@ -1,6 +1,6 @@
 // hold-mlx's native MLX CPU primitives, loaded by hold_mlx/native.py (which builds this file).
 //
-// conv3x3 (conv3x3.h) and group_norm (group_norm.h) are MLX Primitives whose eval_cpu runs the
+// conv3x3 and its weight gradient (conv3x3.h) and group_norm (group_norm.h) are MLX Primitives whose eval_cpu runs the
 // kernel on the stream's own thread, so they compose with mx.compile, lazy evaluation and the
 // per-core streams like any MLX op. Gradients are taken in Python (hold_mlx/fastops.py)
 // through mx.custom_function; the primitives themselves are forward-only.
@@ -58,6 +58,26 @@ class Conv3x3 : public mx::Primitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
+class Conv3x3WeightGrad : public mx::Primitive {
+ public:
+  explicit Conv3x3WeightGrad(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    run_on_stream(stream(), inputs, outputs[0], [](std::vector<mx::array>& in, mx::array& out) {
+      const auto& x = in[0];
+      hold_native::conv3x3_weight_grad(x.data<float>(), in[1].data<float>(), out.data<float>(), x.shape(0),
+                                       x.shape(1), x.shape(2), x.shape(3), in[1].shape(3));
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("hold_mlx native conv3x3_weight_grad runs on the CPU only");
+  }
+
+  const char* name() const override { return "HoldConv3x3WeightGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
 class GroupNorm : public mx::Primitive {
  public:
   GroupNorm(mx::Stream stream, int groups, float eps, bool act)
@@ -111,6 +131,22 @@ mx::array conv3x3(const mx::array& x, const mx::array& weight, const mx::array& 
                     mx::contiguous(bias, false, stream)});
 }
 
+mx::array conv3x3_weight_grad(const mx::array& x, const mx::array& grad, mx::StreamOrDevice s) {
+  if (x.ndim() != 4 || grad.ndim() != 4 || grad.shape(0) != x.shape(0) || grad.shape(1) != x.shape(1) ||
+      grad.shape(2) != x.shape(2))
+    throw std::invalid_argument("conv3x3_weight_grad: expected x (B, H, W, C) and grad (B, H, W, O); got " +
+                                shape_str(x) + ", " + shape_str(grad));
+  if (grad.shape(3) % hold_native::kLanes != 0)
+    throw std::invalid_argument("conv3x3_weight_grad: output channels must be a multiple of " +
+                                std::to_string(hold_native::kLanes) + "; got " + std::to_string(grad.shape(3)));
+  if (x.dtype() != mx::float32 || grad.dtype() != mx::float32)
+    throw std::invalid_argument("conv3x3_weight_grad: float32 arrays only");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("conv3x3_weight_grad: needs a CPU stream");
+  return mx::array({grad.shape(3), 3, 3, x.shape(3)}, mx::float32, std::make_shared<Conv3x3WeightGrad>(stream),
+                   {mx::contiguous(x, false, stream), mx::contiguous(grad, false, stream)});
+}
+
 mx::array group_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps,
                      bool act, mx::StreamOrDevice s) {
   if (x.ndim() < 2 || weight.ndim() != 1 || bias.ndim() != 1 || weight.shape(0) != x.shape(-1) ||
@@ -136,6 +172,9 @@ NB_MODULE(_hold_native, m) {
   m.def("conv3x3", &conv3x3, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::kw_only(),
         nb::arg("stream") = nb::none(),
         "3x3 convolution, stride 1, zero padding 1: x (B, H, W, C), weight (O, 3, 3, C), bias (O,).");
+  m.def("conv3x3_weight_grad", &conv3x3_weight_grad, nb::arg("x"), nb::arg("grad"), nb::kw_only(),
+        nb::arg("stream") = nb::none(),
+        "Gradient of conv3x3's weight: x (B, H, W, C), grad (B, H, W, O) -> (O, 3, 3, C).");
   m.def("group_norm", &group_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("groups"),
         nb::arg("eps"), nb::arg("act") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
         "torch's GroupNorm over channels-last x (B, ..., C), then SiLU if act.");
