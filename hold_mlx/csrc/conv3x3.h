@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace hold_native {
@@ -24,6 +26,18 @@ constexpr int kLanes = 8, kMaxPixels = 6;  // 16 ymm registers
 constexpr int kLanes = 4, kMaxPixels = 6;  // SSE / NEON
 #endif
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
+
+// f(std::integral_constant<int, n>{}) for a runtime 0 < n < kMaxPixels: the tail tiles, whose
+// sizes must be compile-time constants for their accumulators to live in registers.
+template <int N = 1, class F>
+inline void with_tile_size(int n, F&& f) {
+  if constexpr (N < kMaxPixels) {
+    if (n == N)
+      f(std::integral_constant<int, N>{});
+    else
+      with_tile_size<N + 1>(n, std::forward<F>(f));
+  }
+}
 
 // out[p, :] = bias + sum over taps (dy, dx) and channels c of src[dy, p + dx, c] * w[dy, dx, c, :]
 // for NP pixels p and NV * kLanes output channels. `src` is the framed input at the tile's
@@ -71,20 +85,10 @@ inline void conv_row(const float* src, int C, std::ptrdiff_t row_pitch, const fl
   for (; x + kMaxPixels <= W; x += kMaxPixels)
     conv_tile<kMaxPixels, NV>(src + x * C, C, row_pitch, w, o_pitch, bias, dst + x * o_pitch_out, o_valid,
                               o_pitch_out);
-  src += x * C;
-  dst += x * o_pitch_out;
-  switch (W - x) {
-#define HOLD_TAIL(n)                                                                                        \
-  case n:                                                                                                   \
-    if constexpr (n < kMaxPixels)                                                                           \
-      conv_tile<n, NV>(src, C, row_pitch, w, o_pitch, bias, dst, o_valid, o_pitch_out);                   \
-    break;
-    HOLD_TAIL(1) HOLD_TAIL(2) HOLD_TAIL(3) HOLD_TAIL(4) HOLD_TAIL(5) HOLD_TAIL(6) HOLD_TAIL(7)
-    HOLD_TAIL(8) HOLD_TAIL(9) HOLD_TAIL(10) HOLD_TAIL(11) HOLD_TAIL(12) HOLD_TAIL(13)
-#undef HOLD_TAIL
-    default:
-      break;
-  }
+  with_tile_size(W - x, [&](auto n) {
+    conv_tile<decltype(n)::value, NV>(src + x * C, C, row_pitch, w, o_pitch, bias, dst + x * o_pitch_out, o_valid,
+                                      o_pitch_out);
+  });
 }
 
 // x (B, H, W, C), weight (O, 3, 3, C) (MLX's layout), bias (O), out (B, H, W, O); all contiguous.
@@ -157,19 +161,9 @@ inline void weight_grad_channels(const float* src, int C, int W, std::ptrdiff_t 
   int c = 0;
   for (; c + kMaxPixels <= C; c += kMaxPixels)
     weight_grad_tile<kMaxPixels, NV>(src + c, C, W, row_pitch, g, O, H, dw + c * o_pitch, o_pitch);
-  src += c;
-  dw += c * o_pitch;
-  switch (C - c) {
-#define HOLD_TAIL(n)                                                                                        \
-  case n:                                                                                                   \
-    if constexpr (n < kMaxPixels) weight_grad_tile<n, NV>(src, C, W, row_pitch, g, O, H, dw, o_pitch);     \
-    break;
-    HOLD_TAIL(1) HOLD_TAIL(2) HOLD_TAIL(3) HOLD_TAIL(4) HOLD_TAIL(5) HOLD_TAIL(6) HOLD_TAIL(7)
-    HOLD_TAIL(8) HOLD_TAIL(9) HOLD_TAIL(10) HOLD_TAIL(11) HOLD_TAIL(12) HOLD_TAIL(13)
-#undef HOLD_TAIL
-    default:
-      break;
-  }
+  with_tile_size(C - c, [&](auto n) {
+    weight_grad_tile<decltype(n)::value, NV>(src + c, C, W, row_pitch, g, O, H, dw + c * o_pitch, o_pitch);
+  });
 }
 
 // The gradient of conv3x3's weight: x (B, H, W, C), g = dL/dout (B, H, W, O) with O a multiple

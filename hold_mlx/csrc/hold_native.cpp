@@ -38,9 +38,18 @@ void run_on_stream(const mx::Stream& stream, const std::vector<mx::array>& input
   });
 }
 
-class Conv3x3 : public mx::Primitive {
+// A forward-only CPU primitive; its name is also its error message's subject.
+class CpuPrimitive : public mx::Primitive {
  public:
-  explicit Conv3x3(mx::Stream stream) : mx::Primitive(stream) {}
+  using mx::Primitive::Primitive;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU only");
+  }
+};
+
+class Conv3x3 : public CpuPrimitive {
+ public:
+  using CpuPrimitive::CpuPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     run_on_stream(stream(), inputs, outputs[0], [](std::vector<mx::array>& in, mx::array& out) {
@@ -50,17 +59,14 @@ class Conv3x3 : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("hold_mlx native conv3x3 runs on the CPU only");
-  }
 
   const char* name() const override { return "HoldConv3x3"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-class Conv3x3WeightGrad : public mx::Primitive {
+class Conv3x3WeightGrad : public CpuPrimitive {
  public:
-  explicit Conv3x3WeightGrad(mx::Stream stream) : mx::Primitive(stream) {}
+  using CpuPrimitive::CpuPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     run_on_stream(stream(), inputs, outputs[0], [](std::vector<mx::array>& in, mx::array& out) {
@@ -70,18 +76,15 @@ class Conv3x3WeightGrad : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("hold_mlx native conv3x3_weight_grad runs on the CPU only");
-  }
 
   const char* name() const override { return "HoldConv3x3WeightGrad"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-class GroupNorm : public mx::Primitive {
+class GroupNorm : public CpuPrimitive {
  public:
   GroupNorm(mx::Stream stream, int groups, float eps, bool act)
-      : mx::Primitive(stream), groups_(groups), eps_(eps), act_(act) {}
+      : CpuPrimitive(stream), groups_(groups), eps_(eps), act_(act) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     run_on_stream(stream(), inputs, outputs[0],
@@ -94,9 +97,6 @@ class GroupNorm : public mx::Primitive {
                   });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("hold_mlx native group_norm runs on the CPU only");
-  }
 
   const char* name() const override { return "HoldGroupNorm"; }
   bool is_equivalent(const mx::Primitive& other) const override {

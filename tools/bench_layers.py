@@ -1,0 +1,116 @@
+"""Per-layer CPU timings of the shipped U-Net's hot layers: MLX stock vs hold-mlx's MLX-ops
+fast path vs the native kernels vs torch eager, one thread, in one run.
+
+    python tools/bench_layers.py              # batch 64, 7 repeats (docs/performance.md)
+    python tools/bench_layers.py --batch 8 --repeats 3
+
+Prints a markdown table of median milliseconds (forward; then forward + backward for the
+convolutions) and GFLOP/s of the native convolution. One thread everywhere: MLX on a single
+stream with one BLAS thread, torch.set_num_threads(1), channels-last tensors for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HOLD_MLX_THREADS", "1")
+os.environ.setdefault("HOLD_MLX_BLAS_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from hold_mlx import fastops  # noqa: E402
+from hold_mlx._mlx import mx, nn  # noqa: E402
+
+CONVS = [(28, 32, 32), (28, 64, 64), (28, 96, 32), (14, 64, 64), (14, 128, 64), (7, 64, 64)]  # (size, C, O)
+NORMS = [(28, 32), (28, 96), (14, 128)]  # (size, C), 8 groups, + SiLU
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def mlx_timer(layer, *args, grad: bool = False):
+    step = layer
+    mx.eval(*args)
+    if grad:
+        probe = mx.random.normal(layer(*args).shape)
+        mx.eval(probe)  # evaluated: a lazy array captured by mx.compile is recomputed on every call
+        step = mx.value_and_grad(lambda *a: (layer(*a) * probe).sum(), argnums=tuple(range(len(args))))
+    step = mx.compile(step)
+    return lambda: mx.eval(step(*args))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    native = fastops._native()
+    if native is None:
+        from hold_mlx import native as native_module
+
+        raise SystemExit(f"the native kernels are unavailable: {native_module.status().detail}")
+    b, r = args.batch, args.repeats
+
+    def mlx_paths(native_on: bool):
+        fastops._native = (lambda: native) if native_on else (lambda: None)
+
+    rows = ["| layer | MLX stock | MLX ops (fast) | native | torch | native GFLOP/s |", "|---|---|---|---|---|---|"]
+    for grad in (False, True):
+        for size, c, o in CONVS:
+            x, w, bias = mx.random.normal((b, size, size, c)), 0.1 * mx.random.normal((o, 3, 3, c)), mx.zeros((o,))
+            stock = median_ms(mlx_timer(lambda x, w, bias: mx.conv2d(x, w, padding=1) + bias, x, w, bias, grad=grad), r)
+            times = []
+            for native_on in (False, True):
+                mlx_paths(native_on)
+                times.append(median_ms(mlx_timer(fastops.conv3x3, x, w, bias, grad=grad), r))
+            conv = torch.nn.Conv2d(c, o, 3, padding=1).to(memory_format=torch.channels_last)
+            tx = torch.randn(b, c, size, size).to(memory_format=torch.channels_last).requires_grad_(grad)
+            if grad:
+                def torch_step():
+                    conv.zero_grad()
+                    conv(tx).sum().backward()
+            else:
+                def torch_step():
+                    with torch.inference_mode():
+                        conv(tx)
+            t_torch = median_ms(torch_step, r)
+            flop = 2 * b * size * size * c * o * 9 * (3 if grad else 1)
+            name = f"conv {size}², {c}→{o}" + (" fwd+bwd" if grad else "")
+            rows.append(f"| {name} | {stock:.1f} | {times[0]:.1f} | {times[1]:.1f} | {t_torch:.1f} | "
+                        f"{flop / times[1] / 1e6:.0f} |")
+    for size, c in NORMS:
+        x, g, beta = mx.random.normal((b, size, size, c)), mx.random.normal((c,)), mx.random.normal((c,))
+        layer = nn.GroupNorm(8, c, pytorch_compatible=True)
+        stock = median_ms(mlx_timer(lambda x: nn.silu(layer(x)), x), r)
+        times = []
+        for native_on in (False, True):
+            mlx_paths(native_on)
+            times.append(median_ms(mlx_timer(lambda x, g, beta: fastops.group_norm(x, g, beta, 8, 1e-6, act=True),
+                                             x, g, beta), r))
+        norm = torch.nn.GroupNorm(8, c)
+        tx = torch.randn(b, c, size, size).to(memory_format=torch.channels_last)
+
+        def torch_norm():
+            with torch.inference_mode():
+                torch.nn.functional.silu(norm(tx))
+        rows.append(f"| GroupNorm+SiLU {size}², {c} | {stock:.1f} | {times[0]:.1f} | {times[1]:.1f} | "
+                    f"{median_ms(torch_norm, r):.1f} | – |")
+    print(f"Batch {b}, one thread, median ms of {r} (python tools/bench_layers.py --batch {b} --repeats {r}):\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
