@@ -108,8 +108,57 @@ def main():
                 torch.nn.functional.silu(norm(tx))
         rows.append(f"| GroupNorm+SiLU {size}², {c} | {stock:.1f} | {times[0]:.1f} | {times[1]:.1f} | "
                     f"{median_ms(torch_norm, r):.1f} | – |")
+    rows += whole_network_rows(b, r, native, mlx_paths)
     print(f"Batch {b}, one thread, median ms of {r} (python tools/bench_layers.py --batch {b} --repeats {r}):\n")
     print("\n".join(rows))
+
+
+def whole_network_rows(b: int, r: int, native, mlx_paths) -> list[str]:
+    """The shipped U-Net end to end, compiled, one stream: forward, then forward + backward."""
+    import torch
+    from benchmark import model_flops_per_image  # tools/benchmark.py, next to this script
+
+    from hold_export.torch_model import load_torch_model
+    from hold_mlx.checkpoint import default_checkpoint
+    from hold_mlx.model import load_model
+
+    flop_per_image = model_flops_per_image(default_checkpoint())
+    model, _, cfg = load_model()
+    net = model.net
+    shape = (b, *cfg["data"]["shape"][:2], cfg["net"]["order"] * cfg["net"]["data_channels"])
+    u, t = mx.random.normal(shape), mx.full((b,), 0.5)
+    probe = mx.random.normal(shape[:3] + (cfg["net"]["data_channels"],))
+    mx.eval(u, t, probe)
+    tnet = load_torch_model(None, device="cpu")[0].net
+    tu, tt = torch.randn(b, shape[3], *shape[1:3]), torch.full((b,), 0.5)
+    tprobe = torch.randn(b, cfg["net"]["data_channels"], *shape[1:3])
+
+    def torch_forward():
+        with torch.inference_mode():
+            tnet(tu, tt)
+
+    def torch_train():
+        tnet.zero_grad()
+        (tnet(tu, tt) * tprobe).sum().backward()
+
+    rows = []
+    for grad in (False, True):
+        times = []
+        for config in ("stock", "ops", "native"):
+            os.environ["HOLD_MLX_FASTOPS"] = "0" if config == "stock" else "1"  # read at every call
+            mlx_paths(config == "native")
+            if grad:
+                step = mx.compile(nn.value_and_grad(net, lambda u, t, probe: (net(u, t) * probe).sum()),
+                                  inputs=[net], outputs=[net])
+            else:
+                step = mx.compile(net.__call__, inputs=[net])
+            times.append(median_ms(lambda: mx.eval(step(u, t, probe) if grad else step(u, t)), r))
+        t_torch = median_ms(torch_train if grad else torch_forward, r)
+        flop = flop_per_image * b * (3 if grad else 1)
+        rows.append(f"| **shipped U-Net{' fwd+bwd' if grad else ''}** | {times[0]:.0f} | {times[1]:.0f} | "
+                    f"{times[2]:.0f} | {t_torch:.0f} | {flop / times[2] / 1e6:.0f} |")
+    os.environ.pop("HOLD_MLX_FASTOPS")
+    return rows
 
 
 if __name__ == "__main__":

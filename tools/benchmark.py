@@ -382,7 +382,8 @@ def report(args, rows: list[tuple[str, dict]], rate: dict, flops: float, blas_ro
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Configurations: " + "; ".join(
         f"**{label}**: " + (", ".join(f"{k}={v}" for k, v in r.items()
-                                      if k in ("blas", "blas_threads", "streams", "fastops", "device", "exporter"))
+                                      if k in ("blas", "blas_threads", "streams", "fastops", "native", "device",
+                                               "exporter"))
                             or "defaults") for label, r in rows if "error" not in r) + "."]
     if blas_rows:
         lines += ["", "MLX with the BLAS bundled in the `mlx[cpu]` wheel vs OpenBLAS preloaded by hold_mlx "
