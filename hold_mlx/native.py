@@ -13,7 +13,6 @@ match) it returns None, ``status()`` says why, and callers keep their pure-MLX p
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import os
@@ -147,6 +146,8 @@ def _build_and_load() -> tuple[object | None, Status]:
     cxx = _compiler()
     if cxx is None:
         return None, Status(False, "no C++ compiler found (install g++, or set CXX)")
+    import fcntl  # POSIX only: imported after the platform check
+
     directory = cache_dir()
     key = _build_key(cxx, nanobind.__version__)
     target = directory / f"{_MODULE}-{key}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"

@@ -69,6 +69,15 @@ def test_weight_gradient_matches_mlx_autodiff(shape, out_ch):
     assert mx.abs(got - want).max().item() < 1e-5 * max(1.0, mx.abs(want).max().item())
 
 
+def test_empty_batch():
+    module = _module()
+    x = mx.zeros((0, 8, 8, 16))
+    assert module.conv3x3(x, mx.zeros((16, 3, 3, 16)), mx.zeros((16,))).shape == (0, 8, 8, 16)
+    assert module.group_norm(x, mx.ones((16,)), mx.zeros((16,)), 4, 1e-6, True).shape == (0, 8, 8, 16)
+    dw = module.conv3x3_weight_grad(x, x)
+    assert dw.shape == (16, 3, 3, 16) and mx.abs(dw).max().item() == 0.0
+
+
 def test_bad_shapes_and_dtypes_are_refused():
     module = _module()
     x = mx.zeros((1, 8, 8, 4))

@@ -90,6 +90,7 @@ class GroupNorm : public CpuPrimitive {
     run_on_stream(stream(), inputs, outputs[0],
                   [groups = groups_, eps = eps_, act = act_](std::vector<mx::array>& in, mx::array& out) {
                     const auto& x = in[0];
+                    if (x.size() == 0) return;  // an empty batch: nothing to normalise
                     const int channels = x.shape(-1), batch = x.shape(0);
                     const int pixels = int(x.size() / (std::size_t(batch) * channels));
                     hold_native::group_norm(x.data<float>(), in[1].data<float>(), in[2].data<float>(),
