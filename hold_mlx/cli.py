@@ -514,9 +514,11 @@ def doctor():
         rows.append(("mlx CPU tuning", describe_cpu_tuning()))
         from . import fastops, native
 
-        rows.append(("mlx native kernels", (("built: " if native.status().available else "unavailable: ")
-                                            + native.status().detail) if fastops.enabled()
-                     else "not used (MLX's own kernels are the fast ones here)"))
+        if fastops.enabled():
+            built = native.status()
+            rows.append(("mlx native kernels", ("built: " if built.available else "unavailable: ") + built.detail))
+        else:
+            rows.append(("mlx native kernels", "not used (MLX's own kernels are the fast ones here)"))
     except ImportError as err:
         rows.append(("mlx", f"not usable: {err}"))
     try:

@@ -203,12 +203,17 @@ def _native():
     return native.load()
 
 
+# The native convolution works in blocks of vector lanes (16 floats with AVX-512, 8 with AVX2) of
+# output channels: fewer channels than a block would be mostly padding, and its weight gradient
+# takes whole blocks only.
+_NATIVE_CHANNEL_BLOCK = 16
+
+
 def _conv_same(x, weight, bias):
     """3x3 'same' convolution without gradient bookkeeping: the native kernel when it is built
-    and the output has at least 16 channels (it works in blocks of 16-32 channels), else the
-    nine shifted GEMMs."""
+    and the output has at least one channel block, else the nine shifted GEMMs."""
     native = _native()
-    if native is not None and weight.shape[0] >= 16:
+    if native is not None and weight.shape[0] >= _NATIVE_CHANNEL_BLOCK:
         return native.conv3x3(x, weight, bias)
     h, w = x.shape[1], x.shape[2]
     return _conv_taps(x, weight, bias)[:, :h, :w, :]
@@ -232,7 +237,7 @@ def _conv3x3_vjp(primals, cotangent, output):
     dx = _conv_same(g, flipped, mx.zeros((c,), dtype=g.dtype))
     db = g.reshape(-1, o).sum(axis=0)
     native = _native()
-    if native is not None and o % 16 == 0:
+    if native is not None and o % _NATIVE_CHANNEL_BLOCK == 0:
         return dx, native.conv3x3_weight_grad(x, g), db
     # dW[:, dy, dx] = one GEMM of the gradient (on the framed grid, zero at the frame) with tap
     # (dy, dx) of the framed input.
@@ -263,7 +268,8 @@ def conv3x3(x, weight, bias):
       than it saves there).
 
     The gradient is written out: dx is the same convolution of the output gradient with the
-    flipped, transposed kernel, and dW[:, dy, dx] is one GEMM of the gradient with tap (dy, dx).
+    flipped, transposed kernel; dW comes from the native kernel, else from one GEMM of the
+    gradient with each tap (dy, dx).
     """
     if _native() is None and min(x.shape[1:3]) < 8:
         return mx.conv2d(x, weight, padding=1) + bias

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("HOLD_MLX_THREADS", "1")
 os.environ.setdefault("HOLD_MLX_BLAS_THREADS", "1")
 
-import numpy as np  # noqa: E402
+from benchmark import median_time, model_flops_per_image  # noqa: E402  (tools/benchmark.py, next to this file)
 
 from hold_mlx import fastops  # noqa: E402
 from hold_mlx._mlx import mx, nn  # noqa: E402
@@ -28,14 +27,7 @@ NORMS = [(28, 32), (28, 96), (14, 128)]  # (size, C), 8 groups, + SiLU
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return median_time(fn, repeats, warmup=2) * 1e3
 
 
 def mlx_timer(layer, *args, grad: bool = False):
@@ -116,7 +108,6 @@ def main():
 def whole_network_rows(b: int, r: int, native, mlx_paths) -> list[str]:
     """The shipped U-Net end to end, compiled, one stream: forward, then forward + backward."""
     import torch
-    from benchmark import model_flops_per_image  # tools/benchmark.py, next to this script
 
     from hold_export.torch_model import load_torch_model
     from hold_mlx.checkpoint import default_checkpoint
@@ -141,7 +132,7 @@ def whole_network_rows(b: int, r: int, native, mlx_paths) -> list[str]:
         tnet.zero_grad()
         (tnet(tu, tt) * tprobe).sum().backward()
 
-    rows = []
+    rows, fastops_choice = [], os.environ.get("HOLD_MLX_FASTOPS")
     for grad in (False, True):
         times = []
         for config in ("stock", "ops", "native"):
@@ -157,7 +148,10 @@ def whole_network_rows(b: int, r: int, native, mlx_paths) -> list[str]:
         flop = flop_per_image * b * (3 if grad else 1)
         rows.append(f"| **shipped U-Net{' fwd+bwd' if grad else ''}** | {times[0]:.0f} | {times[1]:.0f} | "
                     f"{times[2]:.0f} | {t_torch:.0f} | {flop / times[2] / 1e6:.0f} |")
-    os.environ.pop("HOLD_MLX_FASTOPS")
+    if fastops_choice is None:
+        os.environ.pop("HOLD_MLX_FASTOPS")
+    else:
+        os.environ["HOLD_MLX_FASTOPS"] = fastops_choice
     return rows
 
 

@@ -59,7 +59,6 @@ class Conv3x3 : public CpuPrimitive {
     });
   }
 
-
   const char* name() const override { return "HoldConv3x3"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
@@ -75,7 +74,6 @@ class Conv3x3WeightGrad : public CpuPrimitive {
                                        x.shape(1), x.shape(2), x.shape(3), in[1].shape(3));
     });
   }
-
 
   const char* name() const override { return "HoldConv3x3WeightGrad"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
@@ -97,7 +95,6 @@ class GroupNorm : public CpuPrimitive {
                                             out.data<float>(), batch, pixels, channels, groups, eps, act);
                   });
   }
-
 
   const char* name() const override { return "HoldGroupNorm"; }
   bool is_equivalent(const mx::Primitive& other) const override {
