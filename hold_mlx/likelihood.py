@@ -1,6 +1,6 @@
 """Likelihood of a score model (bits/dim): the probability-flow ODE with a trace estimator.
 
-MATH.md §5. Along the probability-flow ODE, in forward time from t0 = eps to T,
+docs/math.md §5. Along the probability-flow ODE, in forward time from t0 = eps to T,
 
     du/dt = f(u, t) = beta(t) [F u - 1/2 sigma^2 s(u, t) e_n],
     log p_t0(u_t0) = log N(u_T; 0, Sigma_inf) + int_t0^T div f dt,

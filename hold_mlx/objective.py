@@ -1,11 +1,11 @@
 """Block-coordinate (hybrid) score matching: the training objective, written once.
 
 The float64 coefficients come from the SDE module (``objective_coefficients``); the loss itself
-is a few array operations shared by MLX and torch (MATH.md §3). With u_t = A x0 + L eps
+is a few array operations shared by MLX and torch (docs/math.md §3). With u_t = A x0 + L eps
 (per data dimension, A = mean_coeff, L = lower Cholesky factor of the hybrid-start covariance),
 the conditional score of the last block is -eps_n / ell_t, ell_t = L[n, n]. The network
 predicts alpha; the score is s = -alpha / ell_t - mixed_coeff * u_n / ell_t, where the optional
-mixed term mixed_coeff = ell_t / Sigma^mix_nn adds the exact score of a Gaussian (MATH.md §3).
+mixed term mixed_coeff = ell_t / Sigma^mix_nn adds the exact score of a Gaussian (docs/math.md §3).
 Every weighting is a multiple of || alpha + mixed_coeff u_n - eps_n ||^2:
   "eps":        weight 1  (CLD's reweightedv2)
   "likelihood": weight beta(t) sigma^2 / ell_t^2  (maximum-likelihood weighting).

@@ -5,7 +5,7 @@ at ts[0] = T (the n blocks side by side on the last axis), ``ts`` the decreasing
 ``ctx`` a :class:`Context` holding the SDE, the score callable, the array adapter and the noise.
 Coefficients are float64 NumPy n x n matrices from ``sde.py``; a step is a few multiply-adds of
 whole blocks with Python floats, which NumPy, MLX and torch arrays all support, so the same code
-runs on every backend (MATH.md §4 has the update rules).
+runs on every backend (docs/math.md §4 has the update rules).
 
 NFE convention: one batched ``score_fn`` call is one NFE, the final denoising call included
 (``denoise_final=False`` drops it). With ``steps = N``:
@@ -118,7 +118,7 @@ class Context:
 
     def remainder(self, u, t):
         """b(u, t) = s(u, t) + (Sigma_inf^-1 u)_n: the part of the score the exact linear flow
-        does not already carry (MATH.md §4 splitting)."""
+        does not already carry (docs/math.md §4 splitting)."""
         precision_row = self.sde.stationary_precision_last_row()
         linear = mix(precision_row[None], self.split(u))[0]
         return self.score(u, t) + linear

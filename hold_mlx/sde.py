@@ -160,7 +160,7 @@ class LinearSDE:
         self.initial_cov = np.diag(np.concatenate([[0.0], aux_var]))
         self._stationary = self._solve_lyapunov()
         self._stationary_inv = np.linalg.inv(self._stationary)
-        # Reverse-time drift of the linear part of the splitting: F~ = S F^T S^-1 (MATH.md §4).
+        # Reverse-time drift of the linear part of the splitting: F~ = S F^T S^-1 (docs/math.md §4).
         self.F_reverse = self._stationary @ F.T @ self._stationary_inv
         self.prior_factor = np.linalg.cholesky(self._stationary)
 
@@ -238,7 +238,7 @@ class LinearSDE:
     def mixed_score_var(self, t) -> np.ndarray:
         """Var of the last block when the data is Gaussian with variance ``mixed_data_var``.
 
-        The mixed score is s = -u_n / this - alpha / ell (MATH.md §3). For n >= 2 CLD-SGM uses
+        The mixed score is s = -u_n / this - alpha / ell (docs/math.md §3). For n >= 2 CLD-SGM uses
         the hybrid-start covariance (data variance 0, auxiliaries aux_var); for VP (n = 1) that
         would be singular at t -> 0 and CLD-SGM uses data variance 1 instead.
         """

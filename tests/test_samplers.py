@@ -1,15 +1,15 @@
-"""Tests for hold_mlx.samplers: every sampler against the math of MATH.md §4, with exact scores.
+"""Tests for hold_mlx.samplers: every sampler against the math of docs/math.md §4, with exact scores.
 
 Three kinds of evidence, none of which reads a number off the code under test:
 - Gaussian data, no Monte-Carlo noise. With a linear score every sampler except AMS and RK45 is an
   affine map of the Gaussian draws, so running it on a batch of unit impulses ("probe noise")
   gives its exact output covariance. That covariance must equal an independent propagation of
-  covariances through the update rules written out here from MATH.md (SciPy expm and Lyapunov
+  covariances through the update rules written out here from docs/math.md (SciPy expm and Lyapunov
   solver); the propagation then shows convergence to the exact reverse process (a SciPy ODE
   solve of the covariance) at the expected order, and that limit matches the data covariance.
 - Gaussian mixtures (2-D ring): unbiased MMD^2 against fresh data samples, compared with its
   Monte-Carlo spread between two independent data sets.
-- Re-implementations in the test of PLMC and AMS straight from MATH.md, driven by the same noise.
+- Re-implementations in the test of PLMC and AMS straight from docs/math.md, driven by the same noise.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def probe_covariance(sde, variances, sampler, steps, **options):
 
 
 class GaussianReference:
-    """MATH.md §4 update rules as n x n covariance maps for one data dimension of variance c.
+    """docs/math.md §4 update rules as n x n covariance maps for one data dimension of variance c.
 
     Built from F, sigma, B(t) and the time grid formula alone: SciPy gives expm and Sigma_inf.
     """
@@ -242,7 +242,7 @@ def exact_limit(case: str, c: float, ode: bool) -> float:
 @pytest.mark.parametrize("sampler", AFFINE)
 @pytest.mark.parametrize("case", ["vp", "cld", "hold3", "hold4"])
 def test_affine_samplers_match_the_update_rules_exactly(case, sampler, grid):
-    """The code's exact output covariance (probe noise) equals the propagation of MATH.md's rules."""
+    """The code's exact output covariance (probe noise) equals the propagation of docs/math.md's rules."""
     sde = make_sde(case)
     name, options = VARIANTS[sampler]
     steps = 7
@@ -461,7 +461,7 @@ def test_poisson_midpoint_with_one_substep_is_the_fine_chain(case, variant):
 
 
 def direct_plmc(sde, score, steps, K, variant, shape, seed):
-    """PLMC from MATH.md §4 over the exponential-integrator chain, written out in float64."""
+    """PLMC from docs/math.md §4 over the exponential-integrator chain, written out in float64."""
     B, d = shape
     n = sde.order
     noise = PortableNoise(seed, np.arange(B))
@@ -513,7 +513,7 @@ def test_poisson_midpoint_matches_a_direct_implementation(variant):
 
 def direct_pc_langevin(sde, score, steps, snr, shape, seed, momentum, norms):
     """A Lie-Trotter predictor, then score_sde's Langevin corrector (momentum=False) or the AMS
-    corrector of MATH.md (momentum=True) on the last block, in float64; norms per sample or
+    corrector of docs/math.md (momentum=True) on the last block, in float64; norms per sample or
     averaged over the batch (score_sde, AMS code)."""
     B, d = shape
     n = sde.order

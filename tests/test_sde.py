@@ -1,7 +1,7 @@
 """Tests for hold_mlx.sde: the linear SDE family (VP, CLD, HOLD) and its exact kernels.
 
 Every reference value here is computed independently of ``hold_mlx.sde``: the drift matrices are
-rebuilt from the formulas in MATH.md §1-2 (the shared reference), moments come from integrating the moment ODEs with
+rebuilt from the formulas in docs/math.md §1-2 (the shared reference), moments come from integrating the moment ODEs with
 SciPy, matrix exponentials and Lyapunov solutions from ``scipy.linalg``, and the CLD numbers from
 the closed forms of CLD-SGM (nv-tlabs, ``sde_lib.py``).
 """
@@ -28,14 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def ref_hold_couplings(n: int) -> tuple[list[float], float]:
-    """Critical HOLD++ couplings and friction, written out from MATH.md §1 (not from sde.py)."""
+    """Critical HOLD++ couplings and friction, written out from docs/math.md §1 (not from sde.py)."""
     r = math.sqrt(2 * n - 3)
     gammas = [r * math.sqrt((n**2 - (n - k) ** 2) / (4 * (n - k) ** 2 - 1)) for k in range(1, n)]
     return gammas, n * r
 
 
 def ref_model(name: str, order: int = 3) -> dict:
-    """F, sigma, beta(t), aux_var and T of a preset with its default parameters, from MATH.md."""
+    """F, sigma, beta(t), aux_var and T of a preset with its default parameters, from docs/math.md."""
     if name == "vp":
         return dict(F=np.array([[-0.5]]), sigma=1.0, beta=lambda t: 0.1 + t * (20.0 - 0.1), aux=[], T=1.0)
     if name == "cld":
@@ -118,7 +118,7 @@ CASES = [("hold", n) for n in range(1, 6)] + [("vp", 1), ("cld", 2)]
 CASE_IDS = [f"{name}{n}" if name == "hold" else name for name, n in CASES]
 
 
-# ----------------------------------------------------------------------------- presets match MATH.md
+# ----------------------------------------------------------------------------- presets match docs/math.md
 
 
 @pytest.mark.parametrize("name,order", CASES, ids=CASE_IDS)
