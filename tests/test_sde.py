@@ -1,7 +1,7 @@
 """Tests for hold_mlx.sde: the linear SDE family (VP, CLD, HOLD) and its exact kernels.
 
 Every reference value here is computed independently of ``hold_mlx.sde``: the drift matrices are
-rebuilt from the formulas in docs/math.md §1-2 (the shared reference), moments come from integrating the moment ODEs with
+rebuilt from the formulas in docs/math.md §1-2, moments come from integrating the moment ODEs with
 SciPy, matrix exponentials and Lyapunov solutions from ``scipy.linalg``, and the CLD numbers from
 the closed forms of CLD-SGM (nv-tlabs, ``sde_lib.py``).
 """
