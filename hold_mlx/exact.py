@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sde import LinearSDE, expm
+from .metrics import squared_distances
+from .sde import LinearSDE
 
 __all__ = [
-    "GaussianMixture", "ExactScore", "checkerboard_like_mixture", "ring_mixture", "mmd2_unbiased",
-    "sliced_wasserstein", "median_distance",
+    "GaussianMixture", "ExactScore", "checkerboard_like_mixture", "ring_mixture", "sliced_wasserstein",
+    "median_distance",
 ]
 
 
@@ -89,24 +90,11 @@ class ExactScore:
 
     def _time_terms(self, times: np.ndarray):
         """p (U, n), Q (U, n, n) at the unique times, and the index of each row's time."""
-        sde, n = self.sde, self.sde.order
         uniq, index = np.unique(times, return_inverse=True)
-        # W, the noise the forward process has added by time t: S - a S a^T loses every digit of
-        # the data block's tiny variance as t -> 0, so early times use Van Loan's
-        # expm([[-F, G G^T], [0, F^T]] B) = [[., a^-1 W], [0, a^T]] instead (whose a^-1 grows
-        # without bound at late times, where the stationary form is accurate).
-        dB = sde.B(uniq)[:, None, None]
-        block = np.zeros((len(uniq), 2 * n, 2 * n))
-        block[:, :n, :n] = -sde.F * dB
-        block[:, :n, n:] = np.outer(sde.G, sde.G) * dB
-        block[:, n:, n:] = sde.F.T * dB
-        E = expm(block)
-        a = np.swapaxes(E[:, n:, n:], -1, -2)
+        # W, the noise added by time t, stays accurate as t -> 0 (where Q -> the auxiliary start)
+        a, W = self.sde.forward_transition(uniq)
         at = np.swapaxes(a, -1, -2)
-        S = sde.stationary_cov()
-        early = (np.abs(sde.F).sum(0).max() * dB[:, 0, 0] < 1.0)[:, None, None]
-        W = np.where(early, a @ E[:, :n, n:], S - a @ S @ at)
-        Q = a @ sde.initial_cov @ at + W
+        Q = a @ self.sde.initial_cov @ at + W
         return a[:, :, 0], 0.5 * (Q + np.swapaxes(Q, -1, -2)), index.reshape(-1)
 
     def _terms(self, u: np.ndarray, times: np.ndarray, last_only: bool = False):
@@ -248,35 +236,12 @@ def checkerboard_like_mixture(dim: int, k: int = 8, seed: int = 0, spread: float
 # ----------------------------------------------------------------------------- sample quality
 
 
-def _sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
-    return np.maximum(d, 0.0)
-
-
 def median_distance(x: np.ndarray, max_points: int = 2000) -> float:
-    """Median pairwise Euclidean distance of (up to max_points of) x: the usual kernel scale."""
+    """Median pairwise Euclidean distance of (up to max_points of) x: the usual bandwidth scale of
+    ``metrics.gaussian_kernel`` (the MMD of samples is ``metrics.mmd2_unbiased``)."""
     x = np.asarray(x, dtype=np.float64)[:max_points]
-    d = _sq_dists(x, x)[np.triu_indices(len(x), 1)]
+    d = squared_distances(x, x)[np.triu_indices(len(x), 1)]
     return float(np.sqrt(np.median(d)))
-
-
-def mmd2_unbiased(x: np.ndarray, y: np.ndarray, bandwidths) -> float:
-    """Unbiased MMD^2 between samples x (N, d) and y (M, d) for the kernel
-    k(a, b) = mean_h exp(-|a - b|^2 / (2 h^2)) over ``bandwidths`` (a multi-scale Gaussian kernel,
-    sensitive to both the mixture's layout and its components' widths). Its expectation is 0 when
-    x and y come from the same law, so estimates can be slightly negative."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-
-    def kernel_mean(a, b, same):
-        d = _sq_dists(a, b)
-        k = sum(np.exp(-d / (2.0 * h * h)) for h in bandwidths) / len(bandwidths)
-        if same:
-            n = len(a)
-            return (k.sum() - np.trace(k)) / (n * (n - 1))
-        return k.mean()
-
-    return float(kernel_mean(x, x, True) + kernel_mean(y, y, True) - 2.0 * kernel_mean(x, y, False))
 
 
 def sliced_wasserstein(x: np.ndarray, y: np.ndarray, projections: int = 256, seed: int = 0) -> float:

@@ -6,11 +6,13 @@ docs/math.md §5. Along the probability-flow ODE, in forward time from t0 = eps 
     log p_t0(u_t0) = log N(u_T; 0, Sigma_inf) + int_t0^T div f dt,
     div f = beta(t) [d tr(F) - 1/2 sigma^2 tr(ds/du_n)].
 
-The linear part's trace integrates in closed form, d tr(F) (B(T) - B(t0)). The score enters only
-the last block, so only tr(ds/du_n) is estimated: by Hutchinson, z.(ds/du_n)z with a Rademacher
-probe z fixed over the solve (one VJP per right-hand side), or exactly with the d basis probes
-(low-dimensional data). The VJP comes from the score model's own framework (MLX or torch) through
-``score_probe``; the integrator is the samplers' per-sample adaptive RK45 (``solve_rk45``).
+The drift, the linear part's trace and the prior are the SDE's (``LinearSDE.reverse``,
+``linear_divergence``, ``prior_log_density``); the trace integrates in closed form,
+d tr(F) (B(T) - B(t0)). The score enters only the last block, so only tr(ds/du_n) is estimated:
+by Hutchinson, z.(ds/du_n)z with a Rademacher probe z fixed over the solve (one VJP per
+right-hand side), or exactly with the d basis probes (low-dimensional data). The VJP comes from
+the score model's own framework (MLX or torch) through ``score_probe``; the integrator is the
+samplers' per-sample adaptive RK45 (``solve_rk45``).
 
 Extended states (order n >= 2) give a bound through the auxiliary start aux_0 ~ N(0, aux_var_i I)
 for each auxiliary block i:
@@ -36,11 +38,11 @@ from typing import Callable
 import numpy as np
 
 from .backends import Ops
-from .samplers import Context, mix, solve_rk45
+from .samplers import Context, ode_velocity, solve_rk45
 from .sde import LinearSDE
 
-__all__ = ["ESTIMATORS", "score_probe", "log_likelihood", "prior_log_density", "aux_entropy", "dequantize",
-           "bits_per_dim", "data_nll", "evaluate_likelihood", "LikelihoodResult", "EXACT_MAX_DIM"]
+__all__ = ["ESTIMATORS", "score_probe", "log_likelihood", "aux_entropy", "dequantize", "bits_per_dim",
+           "data_nll", "evaluate_likelihood", "LikelihoodResult", "EXACT_MAX_DIM"]
 
 ESTIMATORS = ("hutchinson", "exact")
 EXACT_MAX_DIM = 256  # the exact trace costs d network passes per right-hand side
@@ -97,18 +99,6 @@ def _torch_probe(score_fn, width):
 # ----------------------------------------------------------------------------- extended-state likelihood
 
 
-def prior_log_density(sde: LinearSDE, u: np.ndarray) -> np.ndarray:
-    """log N(u; 0, Sigma_inf per data dimension) of extended states (B, ..., n*C), float64 (B,)."""
-    n = sde.order
-    u = np.asarray(u, dtype=np.float64)
-    blocks = u.reshape(len(u), -1, n, u.shape[-1] // n)  # (B, P, n, C): block i = u[..., iC:(i+1)C]
-    cov = sde.stationary_cov()
-    quad = np.einsum("bpic,ij,bpjc->b", blocks, np.linalg.inv(cov), blocks)
-    d = blocks.shape[1] * blocks.shape[3]
-    _, logdet = np.linalg.slogdet(cov)
-    return -0.5 * quad - 0.5 * d * (n * math.log(2 * math.pi) + logdet)
-
-
 @dataclass
 class ODELikelihood:
     logp: np.ndarray  # log p_t0(u_t0) per sample, nats (model space, extended state)
@@ -142,7 +132,7 @@ def log_likelihood(sde: LinearSDE, score_fn: Callable, u0, ops: Ops, *, probes=N
         copies = d
     else:
         copies = 1
-    half_s2 = 0.5 * sde.sigma**2
+    score_scale = sde.reverse(probability_flow=True).score_scale  # sigma^2 / 2
 
     def rhs(ys, t):
         u = ys[0]
@@ -151,20 +141,16 @@ def log_likelihood(sde: LinearSDE, score_fn: Callable, u0, ops: Ops, *, probes=N
         else:  # one batched call over the d basis probes
             s, q = probe(ops.concat_batch([u] * copies), ops.asarray(np.tile(t, copies)), probes)
             s, q = s[:batch], q.reshape(copies, batch).sum(axis=0)
-        beta = sde.beta(t)
-        drift = mix(sde.F, ctx.split(u))
-        drift[-1] = drift[-1] - half_s2 * s
-        scale = ops.per_sample(beta, u.ndim)
-        du = ctx.join([scale * b for b in drift])
-        dlog = ops.per_sample(-half_s2 * beta, 1) * q  # the score part of div f
+        du = ode_velocity(ctx, u, s, t)
+        dlog = ops.per_sample(-score_scale * sde.beta(t), 1) * q  # the score part of div f
         ops.eval(du, dlog)
         return [du, dlog]
 
     step_cb = (lambda k, t, ys: callback(k, t)) if callback is not None else None
     (u_T, score_part), nfe = solve_rk45(rhs, [u0, ops.asarray(np.zeros(batch))], t0, sde.T, ops,
                                         rtol=rtol, atol=atol, callback=step_cb)
-    linear_part = d * float(np.trace(sde.F)) * float(sde.B(sde.T) - sde.B(t0))
-    prior = prior_log_density(sde, ops.to_numpy(u_T))
+    linear_part = d * sde.linear_divergence() * float(sde.B(sde.T) - sde.B(t0))
+    prior = sde.prior_log_density(ops.to_numpy(u_T))
     return ODELikelihood(prior + linear_part + ops.to_numpy(score_part).astype(np.float64), prior, nfe)
 
 

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .backends import Ops
-from .sde import LinearSDE, expm
+from .sde import LinearSDE
 
 __all__ = [
     "Context", "SampleResult", "run_sampler", "time_grid", "resolve_sampler", "SAMPLERS",
@@ -142,9 +142,11 @@ class Context:
         return self.join(blocks)
 
     def reverse_drift(self, u, s, t: float, ode: bool):
-        """Reverse-time drift per unit of B: -F u + sigma^2 s e_n (x 1/2 for the ODE)."""
-        blocks = mix(-self.sde.F, self.split(u))
-        blocks[-1] = blocks[-1] + (self.sde.sigma**2 * (0.5 if ode else 1.0)) * s
+        """Reverse-time drift per unit of B (``LinearSDE.reverse``): -F u + sigma^2 s e_n (x 1/2 for
+        the ODE), as a list of blocks."""
+        drift = self.sde.reverse(probability_flow=ode)
+        blocks = mix(drift.linear, self.split(u))
+        blocks[-1] = blocks[-1] + drift.score_scale * s
         return blocks
 
     def step_done(self, step: int, t: float, u) -> None:
@@ -223,38 +225,23 @@ def euler_maruyama(ctx: Context, u, ts):
 # ----------------------------------------------------------------------------- probability-flow ODE
 
 
+def ode_velocity(ctx: Context, u, s, t):
+    """dy/dt of the probability-flow ODE in forward time, beta(t) [F u - sigma^2 s e_n / 2], from
+    the score s at (u, t): minus beta(t) times the reverse-time drift per unit of B."""
+    beta = ctx.sde.beta(t)
+    drift = ctx.reverse_drift(u, s, t, ode=True)
+    scale = ctx.ops.per_sample(-beta, u.ndim) if np.ndim(beta) else -float(beta)
+    return ctx.join([scale * d for d in drift])
+
+
 def _ode_rhs(ctx: Context):
-    """dy/dt of the probability-flow ODE in forward time: beta(t) [F u - sigma^2 s e_n / 2]."""
+    """The probability-flow ODE as a right-hand side ys -> [dy/dt] for the ODE solvers."""
 
     def rhs(ys, t):
         (u,) = ys
-        beta = ctx.sde.beta(t)
-        drift = ctx.reverse_drift(u, ctx.score(u, t), t, ode=True)
-        scale = ctx.ops.per_sample(-beta, u.ndim) if np.ndim(beta) else -float(beta)
-        return [ctx.join([scale * d for d in drift])]
+        return [ode_velocity(ctx, u, ctx.score(u, t), t)]
 
     return rhs
-
-
-def ode_exp_coefficients(sde: LinearSDE, t0: float, t1: float):
-    """Exponential-integrator coefficients of the probability-flow ODE over [t1, t0] (float64).
-
-    In reverse time, per unit of B: du = (L u + N) dB with L = -F - G G^T Sigma_inf^-1 / 2 (for
-    the HOLD form a pure rotation, which Heun integrates unstably at large steps) and
-    N = sigma^2 b e_n / 2, b the score remainder. Returns E = expm(L h) and the last columns of
-    h phi_1(L h) and h phi_2(L h) times sigma^2 / 2 (h = B(t0) - B(t1)), read off one expm of
-    the augmented matrix [[L h, h, 0], [0, 0, 1], [0, 0, 0]] (blocks n x n).
-    """
-    n = sde.order
-    h = float(sde.B(t0) - sde.B(t1))
-    L = -sde.F - 0.5 * np.outer(sde.G, sde.G) @ np.linalg.inv(sde.stationary_cov())
-    big = np.zeros((3 * n, 3 * n))
-    big[:n, :n] = L * h
-    big[:n, n:2 * n] = np.eye(n) * h
-    big[n:2 * n, 2 * n:] = np.eye(n)
-    X = expm(big)
-    half = 0.5 * sde.sigma**2
-    return X[:n, :n], half * X[:n, 2 * n - 1], half * X[:n, 3 * n - 1]
 
 
 def _exp_heun(ctx: Context, u, ts):
@@ -263,7 +250,7 @@ def _exp_heun(ctx: Context, u, ts):
     for k, (t0, t1) in enumerate(_pairs(ts)):
         key = ("ode-exp", t0, t1)
         if key not in ctx._cache:
-            ctx._cache[key] = ode_exp_coefficients(ctx.sde, t0, t1)
+            ctx._cache[key] = ctx.sde.ode_exp_coefficients(t0, t1)
         E, c1, c2 = ctx._cache[key]
         n0 = ctx.remainder(u, t0)
         a = mix(E, ctx.split(u))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LinearSDE", "Kernel", "get_sde", "expm", "psd_sqrt", "SDE_NAMES"]
+__all__ = ["LinearSDE", "Kernel", "ReverseDrift", "get_sde", "expm", "psd_sqrt", "SDE_NAMES"]
 
 SDE_NAMES = ("vp", "cld", "hold")
 
@@ -79,6 +79,32 @@ class Kernel:
     cov: np.ndarray
     chol: np.ndarray
     ell: np.ndarray
+
+
+@dataclass(frozen=True)
+class ReverseDrift:
+    """Drift of the reverse-time SDE or of the probability-flow ODE, in reverse time, per unit of B.
+
+        du = (linear u + score_coeff s) dB  [+ noise_scale e_n sqrt(dB) z for the SDE]
+
+    with s the score of the last block. SDE: linear = -F, score_coeff = G G^T e_n = sigma^2 e_n,
+    noise_scale = sigma. Probability-flow ODE: the score term is halved and there is no noise.
+    """
+
+    linear: np.ndarray  # (n, n)
+    score_coeff: np.ndarray  # (n,), nonzero in the last entry only
+    noise_scale: float
+    probability_flow: bool
+
+    @property
+    def score_scale(self) -> float:
+        """The factor of s in the last block (the only block the score enters)."""
+        return float(self.score_coeff[-1])
+
+    def matrix(self, score_row) -> np.ndarray:
+        """The whole drift as one n x n matrix when the score is linear, s = score_row . u
+        (a Gaussian law, or the stationary part -(Sigma_inf^-1 u)_n split off the score)."""
+        return self.linear + np.outer(self.score_coeff, np.asarray(score_row, dtype=np.float64))
 
 
 class LinearSDE:
@@ -261,31 +287,86 @@ class LinearSDE:
         S = self._stationary
         return E, psd_sqrt(S - E @ S @ E.T)
 
-    def forward_step(self, t_from: float, t_to: float) -> tuple[np.ndarray, np.ndarray]:
-        """Exact forward transition over [t_from, t_to]: u <- A u + C z."""
-        dB = float(self.B(t_to) - self.B(t_from))
-        A = expm(self.F * dB)
+    def reverse(self, probability_flow: bool = False) -> ReverseDrift:
+        """The reverse-time drift (``probability_flow=False``) or the probability-flow ODE's."""
+        factor = 0.5 if probability_flow else 1.0
+        score_coeff = np.zeros(self.order)
+        score_coeff[-1] = self.sigma**2 * factor
+        return ReverseDrift(-self.F, score_coeff, 0.0 if probability_flow else self.sigma, bool(probability_flow))
+
+    def stationary_precision(self) -> np.ndarray:
+        """Sigma_inf^-1 (n, n), computed once per SDE."""
+        return self._stationary_inv.copy()
+
+    def ode_exp_coefficients(self, t_from: float, t_to: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exponential-integrator coefficients of the probability-flow ODE from t_from down to t_to.
+
+        With the score split as s = -(Sigma_inf^-1 u)_n + b (b the remainder), the ODE in reverse
+        time is du = (L u + N) dB with L = -F - G G^T Sigma_inf^-1 / 2 (for the HOLD form a pure
+        rotation, which Heun integrates unstably at large steps) and N = sigma^2 b e_n / 2. Returns
+        E = expm(L h) and the last columns of h phi_1(L h) and h phi_2(L h) times sigma^2 / 2
+        (h = B(t_from) - B(t_to)), read off one expm of the augmented matrix
+        [[L h, h, 0], [0, 0, 1], [0, 0, 0]] (blocks n x n). One step u <- E u + c1 b_0 + c2 (b_1 - b_0)
+        is exact when the remainder is linear in B across the step.
+        """
+        n = self.order
+        h = float(self.B(t_from) - self.B(t_to))
+        flow = self.reverse(probability_flow=True)
+        big = np.zeros((3 * n, 3 * n))
+        big[:n, :n] = flow.matrix(-self._stationary_inv[-1]) * h
+        big[:n, n:2 * n] = np.eye(n) * h
+        big[n:2 * n, 2 * n:] = np.eye(n)
+        X = expm(big)
+        half = flow.score_scale
+        return X[:n, :n], half * X[:n, 2 * n - 1], half * X[:n, 3 * n - 1]
+
+    def prior_log_density(self, u) -> np.ndarray:
+        """log N(u; 0, Sigma_inf per data dimension) of extended states u (B, ..., n*C), the n blocks
+        side by side on the last axis (the samplers' layout); float64 (B,)."""
+        n = self.order
+        u = np.asarray(u, dtype=np.float64)
+        if u.ndim < 2 or u.shape[-1] % n:
+            raise ValueError(f"expected extended states (batch, ..., {n} * channels), got shape {u.shape}")
+        blocks = u.reshape(len(u), -1, n, u.shape[-1] // n)  # (B, P, n, C): block i = u[..., iC:(i+1)C]
+        quad = np.einsum("bpic,ij,bpjc->b", blocks, self._stationary_inv, blocks)
+        d = blocks.shape[1] * blocks.shape[3]
+        _, logdet = np.linalg.slogdet(self._stationary)
+        return -0.5 * quad - 0.5 * d * (n * math.log(2 * math.pi) + logdet)
+
+    def linear_divergence(self) -> float:
+        """tr(F): divergence of the forward drift's linear part F u per data dimension and unit of B.
+
+        Along the probability-flow ODE from t0 to t1 it changes the log-density of d-dimensional
+        data by d tr(F) (B(t1) - B(t0)); the score part is what a trace estimator must supply.
+        """
+        return float(np.trace(self.F))
+
+    def forward_transition(self, t) -> tuple[np.ndarray, np.ndarray]:
+        """(A, W) of the forward transition from time 0: u_t = A u_0 + N(0, W), A = expm(F B(t)) and
+        W the covariance the noise has added by t; (n, n) each for a scalar t, (k, n, n) for k times.
+
+        W = S - A S A^T loses every digit of the data block's tiny variance as t -> 0, so early
+        times use Van Loan's expm([[-F, G G^T], [0, F^T]] B) = [[., A^-1 W], [0, A^T]] instead
+        (whose A^-1 grows without bound at late times, where the stationary form is accurate).
+        """
+        times, scalar = _as_times(t)
+        n = self.order
+        dB = self.B(times)[:, None, None]
+        block = np.zeros((len(times), 2 * n, 2 * n))
+        block[:, :n, :n] = -self.F * dB
+        block[:, :n, n:] = np.outer(self.G, self.G) * dB
+        block[:, n:, n:] = self.F.T * dB
+        E = expm(block)
+        A = np.swapaxes(E[:, n:, n:], -1, -2)
         S = self._stationary
-        return A, psd_sqrt(S - A @ S @ A.T)
+        early = (np.abs(self.F).sum(0).max() * dB[:, 0, 0] < 1.0)[:, None, None]
+        W = np.where(early, A @ E[:, :n, n:], S - A @ S @ np.swapaxes(A, -1, -2))
+        return (A[0], W[0]) if scalar else (A, W)
 
     def prior_sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         """Draw u_T ~ N(0, Sigma_inf) per data dimension; shape is the data shape (blocks appended)."""
         z = rng.standard_normal(shape + (self.order,))
         return z @ self.prior_factor.T
-
-    def simulate_forward(self, u0: np.ndarray, t_end: float, steps: int, rng: np.random.Generator) -> np.ndarray:
-        """Euler-Maruyama simulation of the forward SDE from t = 0 (for tests).
-
-        u0: (..., n) with the blocks on the last axis.
-        """
-        u = np.array(u0, dtype=np.float64)
-        ts = np.linspace(0.0, t_end, steps + 1)
-        for t0, t1 in zip(ts[:-1], ts[1:]):
-            dB = float(self.B(t1) - self.B(t0))
-            noise = np.sqrt(dB) * self.sigma * rng.standard_normal(u.shape[:-1])
-            u = u + dB * (u @ self.F.T)
-            u[..., -1] += noise
-        return u
 
 
 # ----------------------------------------------------------------------------- presets

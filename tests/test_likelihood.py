@@ -19,7 +19,7 @@ from scipy.integrate import solve_ivp
 from hold_mlx.backends import MLXOps
 from hold_mlx.exact import ExactScore, GaussianMixture
 from hold_mlx.likelihood import (aux_entropy, bits_per_dim, data_nll, dequantize, evaluate_likelihood,
-                                 log_likelihood, prior_log_density, score_probe)
+                                 log_likelihood, score_probe)
 from hold_mlx.sde import get_sde
 
 # ----------------------------------------------------------------------------- exact Gaussian model
@@ -77,7 +77,7 @@ def flow_reference(sde, cov_data, u0, t0) -> np.ndarray:
     sol = solve_ivp(rhs, (t0, sde.T), np.concatenate([np.eye(nd).ravel(), [0.0]]), method="DOP853",
                     rtol=1e-10, atol=1e-12)
     phi, logdet = sol.y[:-1, -1].reshape(nd, nd), sol.y[-1, -1]
-    return prior_log_density(sde, np.asarray(u0, np.float64) @ phi.T) + logdet
+    return sde.prior_log_density(np.asarray(u0, np.float64) @ phi.T) + logdet  # checked in test_sde.py
 
 
 def random_cov(d, rng, scale=0.3) -> np.ndarray:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.linalg as sla
 
-from hold_mlx.metrics import (fd_from_features, feature_stats, frechet_distance, kernel_distance, mmd2_unbiased,
-                              polynomial_kernel)
+from hold_mlx.metrics import (fd_from_features, feature_stats, frechet_distance, gaussian_kernel, kernel_distance,
+                              mmd2_unbiased, polynomial_kernel)
 from hold_mlx.quality import distances, quantize_images
 
 
@@ -84,13 +84,15 @@ def test_fd_rejects_bad_features():
 # ----------------------------------------------------------------------------- kernel distance
 
 
-def direct_mmd2(x, y, degree=3, gamma=None, coef0=1.0):
-    """The unbiased MMD^2 written as explicit double loops over pairs."""
+def direct_mmd2(x, y, degree=3, gamma=None, coef0=1.0, k=None):
+    """The unbiased MMD^2 written as explicit double loops over pairs (polynomial kernel unless k is
+    given as a function of two points)."""
     gamma = 1.0 / x.shape[1] if gamma is None else gamma
 
-    def k(a, b):
+    def polynomial(a, b):
         return (gamma * float(np.dot(a, b)) + coef0) ** degree
 
+    k = k or polynomial
     m, n = len(x), len(y)
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
@@ -103,6 +105,19 @@ def test_mmd2_matches_direct_pair_sums(kernel):
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((7, 4)), rng.standard_normal((9, 4)) + 0.5
     assert mmd2_unbiased(x, y, **kernel) == pytest.approx(direct_mmd2(x, y, **kernel), rel=1e-12)
+
+
+def test_mmd2_gaussian_kernel_matches_direct_pair_sums():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((7, 3)), rng.standard_normal((5, 3)) + 0.3
+    hs = (0.5, 2.0)
+
+    def k(a, b):
+        return np.mean([math.exp(-float(np.sum((a - b) ** 2)) / (2 * h * h)) for h in hs])
+
+    assert mmd2_unbiased(x, y, gaussian_kernel, bandwidths=hs) == pytest.approx(direct_mmd2(x, y, k=k), rel=1e-12)
+    # the kernel matrix itself, entry by entry
+    np.testing.assert_allclose(gaussian_kernel(x, y, hs), [[k(a, b) for b in y] for a in x], rtol=1e-13)
 
 
 def test_mmd2_is_unbiased_for_equal_laws():

@@ -65,6 +65,27 @@ def make(name: str, order: int = 3) -> LinearSDE:
     return get_sde(name, order=order) if name == "hold" else get_sde(name)
 
 
+def forward_step(sde: LinearSDE, t_from: float, t_to: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact forward transition over [t_from, t_to]: u <- A u + C z (stationary form)."""
+    dB = float(sde.B(t_to) - sde.B(t_from))
+    A = sla.expm(sde.F * dB)
+    S = sde.stationary_cov()
+    return A, sde_mod.psd_sqrt(S - A @ S @ A.T)
+
+
+def simulate_forward(sde: LinearSDE, u0: np.ndarray, t_end: float, steps: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Euler-Maruyama simulation of the forward SDE from t = 0; u0 (..., n) with the blocks on the last axis."""
+    u = np.array(u0, dtype=np.float64)
+    ts = np.linspace(0.0, t_end, steps + 1)
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        dB = float(sde.B(t1) - sde.B(t0))
+        noise = np.sqrt(dB) * sde.sigma * rng.standard_normal(u.shape[:-1])
+        u = u + dB * (u @ sde.F.T)
+        u[..., -1] += noise
+    return u
+
+
 def ode_moments(ref: dict, times) -> tuple[np.ndarray, np.ndarray]:
     """Integrate dA/dt = beta F A, dS/dt = beta (F S + S F^T + sigma^2 e_n e_n^T) from the hybrid start."""
     F, sigma, beta = ref["F"], ref["sigma"], ref["beta"]
@@ -224,7 +245,7 @@ def test_kernel_matches_monte_carlo(name, order, t_end, steps):
     m0 = np.array([0.8, -0.6, 0.4, -0.3, 0.2][:order])
     S0 = np.diag([0.0, *ref["aux"]])
     u0 = m0 + rng.standard_normal((n_paths, order)) * np.sqrt(np.diag(S0))
-    u = sde.simulate_forward(u0, t_end, steps, rng)
+    u = simulate_forward(sde, u0, t_end, steps, rng)
     assert u.shape == (n_paths, order)
 
     mean_k = sde.mean_coeff(t_end) @ m0
@@ -368,12 +389,16 @@ def test_stationary_cov_general_F():
     np.testing.assert_allclose(sde.cov(times), S_ref, atol=1e-9)
 
 
+def prior_test_sde(which: str) -> LinearSDE:
+    if which == "cld":
+        return get_sde("cld")
+    # a non-diagonal stationary covariance, so a transposed factor or precision would show
+    return LinearSDE([[-1.0, 2.0, 0.0], [-0.5, -0.3, 1.0], [0.2, -1.0, -2.0]], 0.7, aux_var=[0.1, 0.2])
+
+
 @pytest.mark.parametrize("which", ["cld", "general"])
 def test_prior_sample_law(which):
-    if which == "cld":
-        sde = get_sde("cld")
-    else:  # a non-diagonal stationary covariance, so a transposed factor would show
-        sde = LinearSDE([[-1.0, 2.0, 0.0], [-0.5, -0.3, 1.0], [0.2, -1.0, -2.0]], 0.7, aux_var=[0.1, 0.2])
+    sde = prior_test_sde(which)
     n = sde.order
     u = sde.prior_sample(np.random.default_rng(3), (200, 100))
     assert u.shape == (200, 100, n)
@@ -417,9 +442,128 @@ def test_forward_step_composes_kernel(name, order):
     sde = make(name, order)
     T = sde.T
     for t1, t2 in [(0.1 * T, 0.4 * T), (1e-4 * T, T)]:
-        A, C = sde.forward_step(t1, t2)
+        A, C = forward_step(sde, t1, t2)
         np.testing.assert_allclose(A @ sde.mean_coeff(t1), sde.mean_coeff(t2), atol=1e-12)
         np.testing.assert_allclose(A @ sde.cov(t1) @ A.T + C @ C.T, sde.cov(t2), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- reverse-time coefficients
+
+
+def forward_cov_rate(ref: dict, S: np.ndarray) -> np.ndarray:
+    """dSigma/dB = F Sigma + Sigma F^T + sigma^2 e_n e_n^T, the forward moment ODE per unit of B."""
+    Q = np.zeros_like(S)
+    Q[-1, -1] = ref["sigma"] ** 2
+    return ref["F"] @ S + S @ ref["F"].T + Q
+
+
+@pytest.mark.parametrize("name,order", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("probability_flow", [False, True], ids=["sde", "ode"])
+def test_reverse_drift_transports_a_gaussian_law_backwards(name, order, probability_flow):
+    """Gaussian data: the exact score of the last block is -(Sigma_t^-1 u)_n, so the reverse drift
+    is linear; run backwards it must undo the forward covariance flow, dSigma/dtau = -dSigma/dB."""
+    sde, ref = make(name, order), ref_model(name, order)
+    rev = sde.reverse(probability_flow=probability_flow)
+    half = 0.5 if probability_flow else 1.0
+    np.testing.assert_array_equal(rev.linear, -ref["F"])
+    np.testing.assert_allclose(rev.score_coeff, np.eye(order)[-1] * half * ref["sigma"] ** 2, rtol=1e-14)
+    assert rev.score_scale == pytest.approx(half * ref["sigma"] ** 2, rel=1e-14)
+    assert rev.noise_scale == (0.0 if probability_flow else pytest.approx(ref["sigma"], rel=1e-14))
+    assert rev.probability_flow is probability_flow
+    T = ref["T"]
+    times = np.array([1e-3 * T, 0.05 * T, 0.37 * T, T])
+    _, covs = ode_moments({**ref, "aux": [0.3 + 0.1 * i for i in range(order - 1)]}, times)
+    for S in covs:
+        S = S + np.diag([0.7] + [0.0] * (order - 1))  # data variance 0.7 (the flow is linear)
+        M = rev.matrix(-np.linalg.inv(S)[-1])
+        noise = np.zeros((order, order))
+        noise[-1, -1] = rev.noise_scale**2
+        np.testing.assert_allclose(M @ S + S @ M.T + noise, -forward_cov_rate(ref, S), rtol=0,
+                                   atol=1e-11 * np.abs(forward_cov_rate(ref, S)).max())
+
+
+@pytest.mark.parametrize("name,order", CASES, ids=CASE_IDS)
+def test_stationary_score_gives_the_reverse_linear_drift(name, order):
+    """With the stationary score -(Sigma_inf^-1 u)_n the reverse SDE's drift is F~ = S F^T S^-1
+    (what reverse_linear_step integrates), and the ODE's keeps N(0, Sigma_inf) fixed."""
+    sde, ref = make(name, order), ref_model(name, order)
+    S = lyap(ref["F"], ref["sigma"])
+    precision = sde.stationary_precision()
+    np.testing.assert_allclose(precision, np.linalg.inv(S), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sde.reverse().matrix(-precision[-1]), S @ ref["F"].T @ np.linalg.inv(S), atol=1e-12)
+    L = sde.reverse(probability_flow=True).matrix(-precision[-1])
+    np.testing.assert_allclose(L @ S + S @ L.T, 0.0, atol=1e-12)
+    assert sde.linear_divergence() == pytest.approx(np.trace(ref["F"]), rel=1e-14)
+
+
+@pytest.mark.parametrize("name,order", [("vp", 1), ("cld", 2), ("hold", 3), ("hold", 5)],
+                         ids=["vp", "cld", "hold3", "hold5"])
+def test_ode_exp_coefficients_solve_the_linear_flow(name, order):
+    """u <- E u + c1 b0 + c2 (b1 - b0) is exact for du/dtau = L u + (sigma^2 / 2) b(tau) e_n with
+    L = -F - G G^T Sigma_inf^-1 / 2 and a remainder b linear in B across the step."""
+    sde, ref = make(name, order), ref_model(name, order)
+    T = ref["T"]
+    S = lyap(ref["F"], ref["sigma"])
+    half = 0.5 * ref["sigma"] ** 2
+    L = -ref["F"] - half * np.outer(np.eye(order)[-1], np.linalg.inv(S)[-1])
+    rng = np.random.default_rng(11)
+    for t_from, t_to in [(T, 0.8 * T), (0.3 * T, 0.01 * T), (1e-3 * T, 1e-3 * T - 1e-7)]:
+        E, c1, c2 = sde.ode_exp_coefficients(t_from, t_to)
+        h = float(sde.B(t_from) - sde.B(t_to))
+        # zero remainder (the data law is the stationary one): the exact linear flow
+        np.testing.assert_allclose(E, sla.expm(L * h), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(E @ S @ E.T, S, rtol=0, atol=1e-12)
+        u0, b0, b1 = rng.standard_normal(order), 0.8, -0.5
+        rhs = lambda tau, u: L @ u + half * (b0 + (b1 - b0) * tau / h) * np.eye(order)[-1]  # noqa: E731
+        exact = solve_ivp(rhs, (0.0, h), u0, method="DOP853", rtol=1e-12, atol=1e-14).y[:, -1]
+        np.testing.assert_allclose(E @ u0 + c1 * b0 + c2 * (b1 - b0), exact, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("which", ["cld", "general"])
+def test_prior_log_density_matches_scipy(which):
+    from scipy.stats import multivariate_normal
+
+    sde = prior_test_sde(which)
+    n, C = sde.order, 2
+    rng = np.random.default_rng(4)
+    u = rng.standard_normal((5, 3, 4, n * C))  # (B, H, W, n*C): the blocks side by side
+    per_dim = u.reshape(5, 3, 4, n, C).swapaxes(-1, -2)  # (B, H, W, C, n): one n-vector per data number
+    law = multivariate_normal(np.zeros(n), lyap(sde.F, sde.sigma))
+    expected = law.logpdf(per_dim.reshape(-1, n)).reshape(5, -1).sum(1)
+    np.testing.assert_allclose(sde.prior_log_density(u), expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="extended states"):
+        sde.prior_log_density(np.zeros((2, n * C + 1)))
+
+
+@pytest.mark.parametrize("name,order", [("vp", 1), ("cld", 2), ("hold", 3)], ids=["vp", "cld", "hold3"])
+def test_forward_transition_matches_moment_ode_at_every_t(name, order):
+    """W is the covariance the noise adds from a fixed start: Sigma_t = A Sigma_0 A^T + W, and W
+    keeps its relative digits as t -> 0 (where S - A S A^T cancels them)."""
+    sde, ref = make(name, order), ref_model(name, order)
+    T = ref["T"]
+    times = np.array([1e-6, 1e-3, 0.05 * T, 0.37 * T, T])
+    A_ref, S_ref = ode_moments(ref, times)
+    A, W = sde.forward_transition(times)
+    np.testing.assert_allclose(A, A_ref, rtol=0, atol=1e-11)
+    start = np.diag([0.0, *ref["aux"]])
+    np.testing.assert_allclose(A @ start @ np.swapaxes(A, -1, -2) + W, S_ref, rtol=0, atol=1e-11)
+    A1, W1 = sde.forward_transition(float(times[2]))
+    np.testing.assert_array_equal(A1, A[2])
+    np.testing.assert_array_equal(W1, W[2])
+    # relative accuracy of every entry at early times, against the Taylor series of
+    # W(B) = int_0^B e^{F r} Q e^{F^T r} dr = sum_k B^(k+1) / (k+1)! Lyap^k(Q), Lyap(X) = F X + X F^T
+    F = ref["F"]
+    for t in (1e-6, 1e-3):
+        B = float(sde.B(t))
+        term = np.zeros((order, order))
+        term[-1, -1] = ref["sigma"] ** 2 * B
+        W_ref = term.copy()
+        for k in range(1, 40):
+            term = (F @ term + term @ F.T) * B / (k + 1)
+            W_ref = W_ref + term
+        np.testing.assert_allclose(sde.forward_transition(t)[1], W_ref, rtol=1e-10, atol=0)
+    if name == "vp":  # closed form W = 1 - exp(-B)
+        np.testing.assert_allclose(W[:, 0, 0], -np.expm1(-sde.B(times)), rtol=1e-13)
 
 
 def test_psd_sqrt_singular():

@@ -39,8 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hold_mlx.api import sample_full  # noqa: E402
-from hold_mlx.exact import (ExactScore, checkerboard_like_mixture, median_distance, mmd2_unbiased,  # noqa: E402
-                            ring_mixture, sliced_wasserstein)
+from hold_mlx.exact import (ExactScore, checkerboard_like_mixture, median_distance, ring_mixture,  # noqa: E402
+                            sliced_wasserstein)
+from hold_mlx.metrics import gaussian_kernel, mmd2_unbiased  # noqa: E402
 from hold_mlx.sde import get_sde  # noqa: E402
 
 SDES = {"vp": ("vp", {}), "cld": ("cld", {}), "hold3": ("hold", {"order": 3}), "hold4": ("hold", {"order": 4})}
@@ -94,7 +95,8 @@ class Problem:
     floor: dict  # metric -> (mean, std) between independent data sets
 
     def metrics(self, x: np.ndarray) -> dict:
-        return {"mmd2": mmd2_unbiased(x, self.data, self.bandwidths), "sw": sliced_wasserstein(x, self.data)}
+        return {"mmd2": mmd2_unbiased(x, self.data, gaussian_kernel, bandwidths=self.bandwidths),
+                "sw": sliced_wasserstein(x, self.data)}
 
 
 def make_problem(dim: int, n: int, floor_repeats: int) -> Problem:
