@@ -87,13 +87,14 @@ class Model:
         return Samples(np.concatenate(out), nfe, self.config["data"])
 
 
-def load(path=None, backend: str = "mlx", device: str = "cpu", threads: int | None = None) -> Model:
+def load(path=None, backend: str = "mlx", device: str = "cpu", threads: int | None = None, **options) -> Model:
     """The model in ``path`` (run folder, .safetensors or, for onnx, .onnx; None: the shipped
     model) on ``backend`` ("mlx", "torch" on ``device``, or "onnx"), with the backend's CPU
-    settings applied (``threads``: MLX streams, torch or onnxruntime threads)."""
+    settings applied (``threads``: MLX streams, torch or onnxruntime threads; ``options``: the
+    backend's other ``configure`` settings, e.g. onnxruntime's ``optimization``)."""
     from .checkpoint import sde_from_config
 
-    engine = get_backend(backend, device=device).configure(threads=threads)
+    engine = get_backend(backend, device=device).configure(threads=threads, **options)
     net, network_fn, config = engine.load_network(path)
     sde = sde_from_config(config, path)
     return Model(engine, network_fn, sde, config, net=net)

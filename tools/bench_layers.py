@@ -109,18 +109,17 @@ def whole_network_rows(b: int, r: int, native, mlx_paths) -> list[str]:
     """The shipped U-Net end to end, compiled, one stream: forward, then forward + backward."""
     import torch
 
-    from hold_export.torch_model import load_torch_model
     from hold_mlx.checkpoint import default_checkpoint
-    from hold_mlx.model import load_model
+    from hold_mlx.model import load
 
     flop_per_image = model_flops_per_image(default_checkpoint())
-    model, _, cfg = load_model()
-    net = model.net
+    model = load()
+    net, cfg = model.net, model.config
     shape = (b, *cfg["data"]["shape"][:2], cfg["net"]["order"] * cfg["net"]["data_channels"])
     u, t = mx.random.normal(shape), mx.full((b,), 0.5)
     probe = mx.random.normal(shape[:3] + (cfg["net"]["data_channels"],))
     mx.eval(u, t, probe)
-    tnet = load_torch_model(None, device="cpu")[0].net
+    tnet = load(None, "torch").net
     tu, tt = torch.randn(b, shape[3], *shape[1:3]), torch.full((b,), 0.5)
     tprobe = torch.randn(b, cfg["net"]["data_channels"], *shape[1:3])
 
