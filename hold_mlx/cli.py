@@ -117,7 +117,8 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
               help="Time grid; quadratic is denser near the data.")
 @click.option("--backend", type=click.Choice(["mlx", "torch", "onnx"]), default="mlx", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads: MLX streams, torch or onnxruntime threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (MLX streams, torch, onnxruntime).")
 @click.option("--noise", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="portable: the same samples on every backend and batch size; native: the backend's RNG.")
 @click.option("--substeps", type=click.IntRange(min=1), default=None, help="poisson-midpoint: fine steps per step (K).")

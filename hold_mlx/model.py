@@ -40,7 +40,7 @@ class Model:
 
     def __init__(self, backend: Backend, network_fn: Callable, sde: LinearSDE, config: dict, *, net=None):
         self.backend, self.sde, self.config = backend, sde, config
-        self.net = net  # the framework's network object (None for onnxruntime)
+        self.net = net  # the framework's network object (onnxruntime: the graph's wrapper)
         self._network = network_fn
         self.parameterisation = ScoreParameterisation.from_config(sde, config)
 

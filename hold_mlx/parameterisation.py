@@ -58,9 +58,11 @@ class ScoreParameterisation:
     """Network output <-> score of the last block, for one SDE and one checkpoint's objective.
 
     ``objective`` is the checkpoint config's "objective" section (``mixed_score``, ``weighting``,
-    ``output``). A conditional model passes ``labels`` through :meth:`score` to the network;
-    classifier-free guidance belongs in :meth:`score` too (cond and uncond rows in one call on a
-    doubled batch), so no backend changes for it.
+    ``output``). Extensions plug in here, not in the backends: a conditional model passes
+    ``labels`` through :meth:`score` to the network, and classifier-free guidance belongs in
+    :meth:`score` too (cond and uncond rows in one network call on a doubled batch); a data
+    prediction x0_hat(u, t) for few-step samplers is the score mapped by the SDE's float64
+    coefficients, a method next to :meth:`score`.
     """
 
     def __init__(self, sde: LinearSDE, objective: dict | None = None, data_channels: int | None = None):

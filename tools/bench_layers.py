@@ -20,7 +20,7 @@ os.environ.setdefault("HOLD_MLX_BLAS_THREADS", "1")
 from benchmark import median_time, model_flops_per_image  # noqa: E402  (tools/benchmark.py, next to this file)
 
 from hold_mlx import fastops  # noqa: E402
-from hold_mlx._mlx import mx, nn  # noqa: E402
+from hold_mlx._mlx import configure_cpu, mx, nn  # noqa: E402
 
 CONVS = [(28, 32, 32), (28, 64, 64), (28, 96, 32), (14, 64, 64), (14, 128, 64), (7, 64, 64)]  # (size, C, O)
 NORMS = [(28, 32), (28, 96), (14, 128)]  # (size, C), 8 groups, + SiLU
@@ -46,6 +46,7 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
+    configure_cpu()  # one stream, one BLAS thread (the environment above)
     import torch
 
     torch.set_num_threads(1)
