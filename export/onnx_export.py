@@ -27,9 +27,9 @@ import torch
 
 from hold_mlx import __version__
 from hold_mlx.checkpoint import atomic_write, default_checkpoint, resolve_model_file
+from hold_mlx.model import load
 
-from .onnx_runtime import GraphInfo, OnnxScoreModel, _config_from_props, make_session, onnx_metadata
-from .torch_model import load_torch_model
+from .onnx_runtime import GraphInfo, OnnxNetwork, _config_from_props, make_session, onnx_metadata
 
 __all__ = ["OnnxExportError", "ExportReport", "export_onnx", "export_graph", "CHECK_BATCHES", "TOLERANCE"]
 
@@ -143,7 +143,8 @@ def export_onnx(checkpoint=None, out="model.onnx", *, opset: int | None = None, 
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and not 18 <= opset <= newest:
         raise ValueError(f"--opset {opset}: choose 18 to {newest} (the newest opset this onnx package knows)")
-    torch_model, sde, config = load_torch_model(source, device="cpu")
+    torch_model = load(source, "torch", device="cpu")
+    sde, config = torch_model.sde, torch_model.config
     net = HalfPrecision(torch_model.net) if fp16 else torch_model.net
     module = (ChannelsLast(net) if config["net"]["kind"] == "unet" else net).eval()
     data_shape = tuple(int(s) for s in config["data"]["shape"])
@@ -182,13 +183,13 @@ def check_against_torch(data: bytes, torch_model, sde, state_shape, batches, pre
         raise OnnxExportError(f"onnxruntime cannot load the exported graph ({first[:200]}); "
                               f"try a lower --opset; {out} was not written") from err
     config, graph = _config_from_props(session.get_modelmeta().custom_metadata_map, out)
-    ort_model = OnnxScoreModel(session, sde, config, graph, source=out)
+    ort_network = OnnxNetwork(session, config, graph, source=out)
     errors = {}
     for batch in batches:
         u, t = _random_inputs(sde, state_shape, batch, rng)
         with torch.no_grad():
             ref = torch_model.alpha(torch.from_numpy(u), torch.from_numpy(t)).numpy()
-        got = ort_model.alpha(u, t)
+        got = ort_network(u, t)
         if got.shape != ref.shape:
             raise OnnxExportError(f"onnxruntime returned shape {got.shape} at batch {batch}, torch {ref.shape}; "
                                   f"{out} was not written")

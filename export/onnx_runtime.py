@@ -1,11 +1,11 @@
 """Sampling from an exported .onnx file with onnxruntime and NumPy alone (no torch, no MLX).
 
 The graph computes alpha(u, t), the network output, for a channels-last extended state u
-(B, ..., n*C) and forward times t (B,). The score the samplers need is assembled here, exactly as
-the MLX and torch models do it: score = a(t) alpha + b(t) u_n with a, b computed in float64 by
-``hold_mlx.objective.score_scale`` from the SDE stored in the file's metadata (one source of truth
-for the math; see docs/onnx.md). Everything a deployment needs is in the .onnx file's
-metadata_props (``onnx_metadata``).
+(B, ..., n*C) and forward times t (B,). ``hold_mlx.load("model.onnx", backend="onnx")`` wraps it
+in the same ``Model`` as MLX and torch: the score a(t) alpha + b(t) u_n is assembled by
+``hold_mlx.parameterisation.ScoreParameterisation`` in float64 from the SDE stored in the file's
+metadata (one source of truth for the math; see docs/onnx.md). Everything a deployment needs is in
+the .onnx file's metadata_props (``onnx_metadata``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hold_mlx.checkpoint import CheckpointError, sde_from_config, validate_config
-from hold_mlx.objective import score_scale
-from hold_mlx.sde import LinearSDE
+from hold_mlx.checkpoint import CheckpointError, validate_config
 
-__all__ = ["ONNX_FORMAT", "CONFIG_PREFIX", "GRAPH_KEY", "GraphInfo", "OnnxScoreModel", "load_onnx_model",
+__all__ = ["ONNX_FORMAT", "CONFIG_PREFIX", "GRAPH_KEY", "GraphInfo", "OnnxNetwork", "open_onnx_network",
            "make_session", "onnx_metadata", "OPT_LEVELS"]
 
 #: Version of the graph contract (inputs u, t; output alpha; metadata keys below).
@@ -123,19 +121,16 @@ def _open(path, **session_kw):
                               "it may be truncated or corrupted: re-export it") from err
 
 
-class OnnxScoreModel:
-    """score(u, t) for NumPy float32 u (B, ..., n*C) channels-last and t (B,): the samplers' score_fn.
+class OnnxNetwork:
+    """alpha(u, t) for NumPy float32 u (B, ..., n*C) channels-last and t (B,): the graph's output,
+    with the shapes checked against the metadata first."""
 
-    ``alpha(u, t)`` is the raw graph output; ``__call__`` adds the float64 score coefficients.
-    """
-
-    def __init__(self, session, sde: LinearSDE, config: dict, graph: GraphInfo, source="model.onnx"):
-        self.session, self.sde, self.config, self.graph = session, sde, config, graph
+    def __init__(self, session, config: dict, graph: GraphInfo, source="model.onnx"):
+        self.session, self.config, self.graph = session, config, graph
         self.source = str(source)
-        self.mixed_score = bool(config["objective"].get("mixed_score", True))
-        self.data_channels = int(config["net"]["data_channels"])
+        self.order = int(config["net"]["order"])
         data_shape = tuple(int(s) for s in config["data"]["shape"])
-        self.state_shape = data_shape[:-1] + (sde.order * data_shape[-1],)
+        self.state_shape = data_shape[:-1] + (self.order * data_shape[-1],)
         self._check_graph_inputs()
 
     def _check_graph_inputs(self) -> None:
@@ -153,36 +148,24 @@ class OnnxScoreModel:
         if tuple(u.shape[1:]) != self.state_shape or u.ndim != len(self.state_shape) + 1:
             raise ValueError(f"{self.source}: u has shape {tuple(u.shape)}, the model expects "
                              f"(batch, {', '.join(map(str, self.state_shape))}) "
-                             f"({self.sde.order} blocks of data shape {list(self.config['data']['shape'])})")
+                             f"({self.order} blocks of data shape {list(self.config['data']['shape'])})")
         if t.shape != (u.shape[0],):
             raise ValueError(f"{self.source}: t has shape {tuple(t.shape)}, expected ({u.shape[0]},): "
                              "one time per sample of u")
 
-    def alpha(self, u, t) -> np.ndarray:
+    def __call__(self, u, t) -> np.ndarray:
         u = np.ascontiguousarray(u, dtype=np.float32)
         t = np.ascontiguousarray(t, dtype=np.float32)
         self._check(u, t)
         return self.session.run(None, {"u": u, "t": t})[0]
 
-    def __call__(self, u, t) -> np.ndarray:
-        u = np.ascontiguousarray(u, dtype=np.float32)
-        alpha = self.alpha(u, t)
-        a, b = score_scale(self.sde, t, mixed_score=self.mixed_score)
-        shape = (-1,) + (1,) * (u.ndim - 1)
-        score = a.astype(np.float32).reshape(shape) * alpha
-        if self.mixed_score:
-            score += b.astype(np.float32).reshape(shape) * u[..., -self.data_channels:]
-        return score
 
-
-def load_onnx_model(path, threads: int | None = None, *, optimization: str = "all",
-                    sequential: bool = True, providers=None) -> tuple[OnnxScoreModel, LinearSDE, dict]:
-    """(score_fn, sde, config) from an .onnx file written by ``hold-mlx export``.
+def open_onnx_network(path, threads: int | None = None, *, optimization: str = "all", sequential: bool = True,
+                      providers=None) -> tuple[OnnxNetwork, dict]:
+    """(network, config) from an .onnx file written by ``hold-mlx export``.
 
     Needs onnxruntime and NumPy only. ``threads``: intra-op threads (None: onnxruntime's default).
     """
     session = _open(path, threads=threads, optimization=optimization, sequential=sequential, providers=providers)
     config, graph = _config_from_props(session.get_modelmeta().custom_metadata_map, path)
-    sde = sde_from_config(config, path)
-    model = OnnxScoreModel(session, sde, config, graph, source=path)
-    return model, sde, config
+    return OnnxNetwork(session, config, graph, source=path), config

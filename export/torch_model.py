@@ -1,7 +1,9 @@
-"""Checkpoints in torch: load weights into the mirrored networks and score for the shared samplers.
+"""Checkpoints in torch: weights into and out of the mirrored networks, and the channels-last view.
 
 The samplers keep the extended state channels-last (blocks on the last axis) on every backend;
-``TorchScoreModel`` views it as NCHW for the network (free when the network runs channels_last).
+``apply_channels_last`` views it as NCHW for the network (free when the network runs
+channels_last). ``hold_mlx.load(path, backend="torch")`` gives the score model
+(``hold_mlx.backends.TorchBackend``).
 """
 
 from __future__ import annotations
@@ -9,17 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hold_mlx.checkpoint import (check_tensors, default_checkpoint, net_config_from, read_tensors,
-                                 resolve_model_file, sde_from_config)
-from hold_mlx.netconfig import NetConfig
-from hold_mlx.objective import score_scale
-from hold_mlx.sde import LinearSDE
+from hold_mlx.checkpoint import check_tensors
 
 from .layout import checkpoint_to_torch, conv_weight_keys, torch_to_checkpoint
-from .torch_nets import build_net
 
-__all__ = ["TorchScoreModel", "load_torch_model", "load_weights", "checkpoint_tensors", "resolve_device",
-           "apply_channels_last"]
+__all__ = ["load_weights", "checkpoint_tensors", "resolve_device", "apply_channels_last"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -60,52 +56,3 @@ def apply_channels_last(net: torch.nn.Module, u, t, *, memory_format=torch.chann
     if u.ndim != 4:
         return net(u, t)
     return net(u.permute(0, 3, 1, 2).contiguous(memory_format=memory_format), t).permute(0, 2, 3, 1)
-
-
-class TorchScoreModel:
-    """score(u, t) for u (B, ..., n*C) channels-last torch tensors and t (B,); see hold_mlx.model."""
-
-    def __init__(self, net: torch.nn.Module, sde: LinearSDE, config: dict, *, amp_dtype=None):
-        self.net, self.sde, self.config = net, sde, config
-        self.mixed_score = bool(config["objective"].get("mixed_score", True))
-        self.data_channels = int(config["net"]["data_channels"])
-        # e.g. torch.bfloat16 on CUDA: the network autocast, its time embedding, the score and the
-        # sampler in fp32 (None: fp32 throughout, the setting the parity tests hold to MLX)
-        self.amp_dtype = amp_dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
-    def alpha(self, u, t):
-        """The network output, channels-last like u, in u's dtype."""
-        with torch.autocast(device_type=u.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                            enabled=self.amp_dtype is not None):
-            return apply_channels_last(self.net, u, t).to(u.dtype)
-
-    @torch.no_grad()
-    def __call__(self, u, t):
-        return self.score(u, t)
-
-    def score(self, u, t):
-        """The score with autograd left on (the likelihood differentiates it; __call__ does not)."""
-        a, b = score_scale(self.sde, t.detach().cpu().numpy(), mixed_score=self.mixed_score)
-        shape = (-1,) + (1,) * (u.ndim - 1)
-        a = torch.as_tensor(a, dtype=u.dtype, device=u.device).reshape(shape)
-        score = a * self.alpha(u, t.to(u.dtype))
-        if self.mixed_score:
-            b = torch.as_tensor(b, dtype=u.dtype, device=u.device).reshape(shape)
-            score = score + b * u[..., -self.data_channels:]
-        return score
-
-
-def load_torch_model(path=None, device="cpu") -> tuple[TorchScoreModel, LinearSDE, dict]:
-    """(model, sde, config) from a run folder or .safetensors file (default: the shipped model)."""
-    path = resolve_model_file(path if path is not None else default_checkpoint())
-    tensors, config = read_tensors(path)
-    sde = sde_from_config(config, path)
-    net_cfg: NetConfig = net_config_from(config, path)
-    net = build_net(net_cfg)
-    load_weights(net, tensors, source=str(path))
-    net = net.to(resolve_device(device)).eval()
-    return TorchScoreModel(net, sde, config), sde, config

@@ -1,6 +1,6 @@
 """The torch backend of the shared training loop: CPU or CUDA, AMP, channels_last, compile, DDP.
 
-Same objective (``hold_mlx.objective``), same batches, schedule, checkpoints and resume logic
+Same objective (``hold_mlx.parameterisation``), same batches, schedule, checkpoints and resume logic
 (``hold_mlx.trainloop``) as MLX; a run folder moves between the two backends in both directions.
 
 - Data stay channels-last (NHWC) as on MLX: the perturbation, the noise and the loss are computed
@@ -28,11 +28,13 @@ import os
 import numpy as np
 import torch
 
-from hold_mlx.objective import perturb, residual
+from hold_mlx.backends import TorchBackend
+from hold_mlx.model import Model
+from hold_mlx.parameterisation import ScoreParameterisation
 from hold_mlx.trainloop import Batch, TrainConfig, TrainerBase
 
 from .layout import checkpoint_to_torch, conv_weight_keys, torch_to_checkpoint
-from .torch_model import TorchScoreModel, apply_channels_last, checkpoint_tensors, load_weights, resolve_device
+from .torch_model import apply_channels_last, checkpoint_tensors, load_weights, resolve_device
 from .torch_nets import build_net
 
 __all__ = ["TorchTrainer", "TrainConfig", "score_matching_loss", "AMP_DTYPES"]
@@ -47,23 +49,20 @@ def _seed(parts, stream: int) -> int:
 
 def score_matching_loss(net, x0, eps, t, mean, chol, mixed, weight, *, amp_dtype=None,
                         memory_format=torch.contiguous_format):
-    """Block-coordinate score matching on the last block (objective.py), in fp32.
+    """Block-coordinate score matching on the last block (``ScoreParameterisation.weighted_errors``),
+    in fp32.
 
     x0 (b, *data_shape) channels-last data, eps (n, b, *data_shape) standard normal noise, t / mixed
     / weight (b,), mean (b, n), chol (b, n, n). Only the network runs under autocast."""
-    shape = (-1,) + (1,) * (x0.ndim - 1)
 
-    def per_sample(col):
-        return col.reshape(shape)
+    def network(u, t):
+        with torch.autocast(device_type=x0.device.type, dtype=amp_dtype or torch.bfloat16,
+                            enabled=amp_dtype is not None):
+            return apply_channels_last(net, u, t, memory_format=memory_format).float()
 
-    n = eps.shape[0]
-    blocks = perturb(x0, [eps[i] for i in range(n)], mean, chol, per_sample)
-    u = blocks[0] if n == 1 else torch.cat(blocks, dim=-1)
-    with torch.autocast(device_type=x0.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-        alpha = apply_channels_last(net, u, t, memory_format=memory_format)
-    r = residual(alpha.float(), blocks[-1], eps[-1], mixed, per_sample)
-    per_example = (r * r).reshape(r.shape[0], -1).mean(dim=1)
-    return (weight * per_example).mean()
+    eps_blocks = [eps[i] for i in range(eps.shape[0])]
+    return ScoreParameterisation.weighted_errors(network, TorchBackend(x0.device), x0, eps_blocks, t, mean, chol,
+                                                 mixed, weight).mean()
 
 
 class TorchTrainer(TrainerBase):
@@ -216,13 +215,12 @@ class TorchTrainer(TrainerBase):
                 "exp_avg_sq": torch.empty_like(p).copy_(torch.from_numpy(v[name])),
             }
 
-    def ema_score_model(self):
-        from hold_mlx.backends import TorchOps
-
+    def ema_score_model(self) -> Model:
         net = build_net(self.net_cfg)
         net.load_state_dict({k: v.cpu() for k, v in self.ema.items()})
         net = net.to(self.device).eval()
-        return TorchScoreModel(net, self.sde, {**self.model_config, "step": self.step}), TorchOps(self.device)
+        backend = TorchBackend(self.device)
+        return Model(backend, backend.network_fn(net), self.sde, {**self.model_config, "step": self.step}, net=net)
 
 
 def _destroy_process_group():

@@ -5,16 +5,18 @@ The ``mlx[cpu]`` Linux wheel links a reference (netlib) BLAS: matmuls and convol
 scope *before* ``mlx.core`` is imported makes MLX's BLAS calls resolve to it. Set
 ``HOLD_MLX_BLAS`` to a library path to choose another one, or to ``none`` to keep the bundled BLAS.
 
-Two more CPU settings are made here (Linux, MLX on the CPU; macOS/GPU are left alone):
+Importing this module changes no other global state. The CPU settings are made by
+``configure_cpu()`` (the MLX backend's ``configure``, called by ``hold_mlx.load``, training and
+the CLI; Linux, MLX on the CPU; macOS/GPU are left alone):
 
 * MLX's buffer cache. MLX keeps at most 32 MiB of freed buffers on the CPU; a U-Net step at
   batch 64 churns through hundreds of MiB, so every large allocation came fresh from the
   kernel and was zero-filled page by page (~2 us per 4 KiB page on these VMs: 0.1-0.3 s per
   network call). ``HOLD_MLX_CACHE_MB`` (default: a quarter of RAM, at most 4096) raises it.
 * Threads. MLX runs element-wise work on one thread per stream; BLAS has its own threads.
-  ``cpu_streams()`` gives one MLX CPU stream per core (``HOLD_MLX_THREADS`` overrides) and
-  the network splits its batch across them (``model.ScoreModel``); BLAS then runs one thread
-  per call (``HOLD_MLX_BLAS_THREADS`` overrides), so the cores are not oversubscribed.
+  ``cpu_streams()`` gives one MLX CPU stream per core (``threads=`` or ``HOLD_MLX_THREADS``
+  overrides) and the network splits its batch across them (``split_batch``); BLAS then runs one
+  thread per call (``HOLD_MLX_BLAS_THREADS`` overrides), so the cores are not oversubscribed.
 
 Every module of hold_mlx that needs MLX imports it from here.
 """
@@ -70,6 +72,8 @@ def _preload_blas() -> None:
         BLAS_NOTE = "no OpenBLAS found (apt-get install libopenblas0-pthread); using the bundled BLAS (slow)"
 
 
+# The one thing done at import: the BLAS must be in the global symbol scope before mlx.core is
+# loaded (MLX's BLAS symbols are bound when its library loads), and mlx.core is imported just below.
 _preload_blas()
 
 try:
@@ -123,22 +127,44 @@ def set_blas_threads(n: int) -> bool:
 
 
 _STREAMS: list = []
+#: The settings the last ``configure_cpu`` call applied (None: never configured).
+_CONFIGURED: tuple | None = None
 
 
 def cpu_streams() -> list:
-    """MLX CPU streams to split a batch across: one per core (HOLD_MLX_THREADS=N overrides).
+    """The MLX CPU streams a batch is split across (``configure_cpu`` creates them).
 
-    Empty when MLX computes on a GPU or only one thread is wanted. Created once per process.
+    Empty before ``configure_cpu``, when MLX computes on a GPU, or when one thread is wanted.
     """
-    if not _on_cpu():
+    if _CONFIGURED is None or _CONFIGURED[0] <= 1 or not _on_cpu():
         return []
-    n = _env_int("HOLD_MLX_THREADS", cpu_count())
-    if n <= 1:
-        return []
-    mx.default_stream(mx.cpu)  # make sure the default stream exists first (it takes index 0)
-    while len(_STREAMS) < n:
-        _STREAMS.append(mx.new_stream(mx.cpu))
-    return _STREAMS[:n]
+    return _STREAMS[:_CONFIGURED[0]]
+
+
+#: Smallest piece of a batch worth its own stream.
+MIN_ROWS_PER_STREAM = 4
+
+
+def split_batch(fn, *arrays, streams=None) -> list:
+    """[fn(*pieces)] with the batch (axis 0 of every array) cut into one piece per MLX CPU stream.
+
+    MLX runs element-wise work on one thread per stream, so on a CPU a batch split across
+    streams keeps every core busy (BLAS then runs one thread per call). Returns the list of
+    per-piece results, in batch order; one piece when there is no stream to use.
+    """
+    import numpy as np
+
+    streams = cpu_streams() if streams is None else streams
+    rows = int(arrays[0].shape[0])
+    k = min(len(streams), rows // MIN_ROWS_PER_STREAM)
+    if k <= 1:
+        return [fn(*arrays)]
+    bounds = np.linspace(0, rows, k + 1).astype(int)
+    out = []
+    for stream, lo, hi in zip(streams, bounds[:-1], bounds[1:]):
+        with mx.stream(stream):
+            out.append(fn(*(a[lo:hi] for a in arrays)))
+    return out
 
 
 def _cache_limit() -> int:
@@ -158,18 +184,31 @@ def describe_cpu_tuning() -> str:
             f"fast CPU ops {'on' if enabled() else 'off'}")
 
 
-def _tune_cpu() -> None:
+def configure_cpu(threads: int | None = None) -> None:
+    """MLX's CPU settings: buffer cache, one stream per thread, BLAS threads (see the module doc).
+
+    ``threads``: MLX CPU streams (None: ``HOLD_MLX_THREADS``, else one per core). Idempotent:
+    calling again with the same settings changes nothing.
+    """
+    global _CONFIGURED
     if not _on_cpu():
         return
+    streams = int(threads) if threads else _env_int("HOLD_MLX_THREADS", cpu_count())
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     cache_mb = _env_int("HOLD_MLX_CACHE_MB", min(4096, total_mb // 4))
+    blas_threads = _env_int("HOLD_MLX_BLAS_THREADS", 1 if streams > 1 else cpu_count())
+    settings = (streams, cache_mb, blas_threads)
+    if settings == _CONFIGURED:
+        return
     if cache_mb > 0:
         mx.set_cache_limit(cache_mb * 2**20)
-    streams = _env_int("HOLD_MLX_THREADS", cpu_count())
-    set_blas_threads(_env_int("HOLD_MLX_BLAS_THREADS", 1 if streams > 1 else cpu_count()))
+    if streams > 1:
+        mx.default_stream(mx.cpu)  # make sure the default stream exists first (it takes index 0)
+        while len(_STREAMS) < streams:
+            _STREAMS.append(mx.new_stream(mx.cpu))
+    set_blas_threads(blas_threads)
+    _CONFIGURED = settings
 
 
-_tune_cpu()
-
-__all__ = ["mx", "nn", "optim", "BLAS", "BLAS_NOTE", "BLAS_THREADS", "cpu_count", "cpu_streams",
-           "set_blas_threads", "describe_cpu_tuning"]
+__all__ = ["mx", "nn", "optim", "BLAS", "BLAS_NOTE", "BLAS_THREADS", "cpu_count", "cpu_streams", "configure_cpu",
+           "split_batch", "set_blas_threads", "describe_cpu_tuning"]

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import get_ops
+from .backends import Backend, array_framework, get_backend
 from .noise import make_noise
 from .samplers import SampleResult, run_sampler
 from .sde import LinearSDE
@@ -23,11 +23,39 @@ def sample_full(sde: LinearSDE, score_fn: Callable, shape, *, sampler: str = "li
     ``first_index`` numbers the samples of this batch within a larger draw: with portable noise
     sample i of seed s is the same whichever batch it is drawn in.
     """
-    ops = ops or get_ops(backend)
+    ops = ops or get_backend(backend)
     ids = np.arange(first_index, first_index + int(shape[0]))
-    return run_sampler(sde, score_fn, tuple(shape), ops=ops, noise=make_noise(noise, seed, ids, ops),
+    return run_sampler(sde, _matching(score_fn, ops), tuple(shape), ops=ops, noise=make_noise(noise, seed, ids, ops),
                        sampler=sampler, steps=steps, grid=grid, denoise_final=denoise,
                        callback=callback, **options)
+
+
+def _mismatch(framework: str, ops: Backend) -> ValueError:
+    return ValueError(f"the score function computes on {framework} arrays but backend={ops.name!r} passes "
+                      f"{ops.array_module} arrays; pass backend={framework!r} (a loaded model: use model.sample)")
+
+
+def _matching(score_fn: Callable, ops: Backend) -> Callable:
+    """score_fn, checked to compute on the arrays of ``ops``: before the first call when it says
+    which backend it runs on (a loaded ``Model``), else on the array its first call returns."""
+    owner = getattr(score_fn, "backend", None)
+    if isinstance(owner, Backend):
+        if owner.array_module != ops.array_module:
+            raise _mismatch(owner.array_module, ops)
+        return score_fn
+    checked = False
+
+    def score(u, t):
+        nonlocal checked
+        s = score_fn(u, t)
+        if not checked:
+            framework = array_framework(s)
+            if framework in ("numpy", "mlx", "torch") and framework != ops.array_module:
+                raise _mismatch(framework, ops)
+            checked = True
+        return s
+
+    return score
 
 
 def sample(sde: LinearSDE, score_fn: Callable, shape, *, sampler: str = "lie-trotter",
@@ -36,7 +64,9 @@ def sample(sde: LinearSDE, score_fn: Callable, shape, *, sampler: str = "lie-tro
 
     ``score_fn(u, t)`` gets the extended state (the n blocks concatenated on the last axis) and
     forward times t of shape (B,), and returns the last block's score shaped like the data.
-    Returns the data block as an ``mx.array`` (backend="mlx", the default). Options: ``grid``
+    Returns the data block as an array of ``backend`` ("mlx", the default: ``mx.array``; "torch";
+    "numpy"), which must be the framework ``score_fn`` computes on. For a loaded model
+    ``hold_mlx.load(...).sample(n, ...)`` picks the SDE and backend itself. Options: ``grid``
     ("uniform" | "quadratic"), ``denoise`` (final noise-free step, default on), ``noise``
     ("portable" | "native"), ``callback(step, t, u)``, and sampler options (``substeps``,
     ``variant`` for poisson-midpoint; ``snr``, ``momentum`` for ams; ``method``, ``rtol``, ``atol``

@@ -24,7 +24,7 @@ import numpy as np
 __all__ = [
     "FORMAT_VERSION", "LAYOUT", "MODEL_FILE", "STATE_FILE", "CheckpointError", "atomic_write",
     "write_tensors", "read_tensors", "read_config", "resolve_model_file", "validate_config",
-    "load", "save", "default_checkpoint", "make_config", "sde_from_config", "check_tensors",
+    "default_checkpoint", "make_config", "sde_from_config", "check_tensors",
 ]
 
 FORMAT_VERSION = 1
@@ -212,16 +212,3 @@ def default_checkpoint() -> Path:
         return path
     raise CheckpointError("no shipped weights found (weights/fashion-mnist-hold/model.safetensors); "
                           "pass --checkpoint PATH or set HOLD_MLX_WEIGHTS")
-
-
-def load(path=None):
-    """(model, sde, config) from a run folder or .safetensors file; MLX model (see model.py)."""
-    from .model import load_model
-
-    return load_model(path)
-
-
-def save(path, model, config: dict) -> None:
-    from .model import save_model
-
-    save_model(path, model, config)

@@ -117,7 +117,8 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
               help="Time grid; quadratic is denser near the data.")
 @click.option("--backend", type=click.Choice(["mlx", "torch", "onnx"]), default="mlx", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch / onnxruntime.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (MLX streams, torch, onnxruntime).")
 @click.option("--noise", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="portable: the same samples on every backend and batch size; native: the backend's RNG.")
 @click.option("--substeps", type=click.IntRange(min=1), default=None, help="poisson-midpoint: fine steps per step (K).")
@@ -135,11 +136,10 @@ def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend
     """Draw samples from a trained model with the reverse-time SDE (or ODE)."""
     from tqdm import tqdm
 
-    from .data import to_user_units
-    from .runtime import draw_samples, load_runtime
+    from .model import load
 
     out = _check_out(out)
-    runtime = load_runtime(checkpoint, backend, device=device, threads=threads)
+    model = load(checkpoint, backend, device=device, threads=threads)
     options = {"sampler": sampler, "steps": steps, "grid": time_grid, "noise": noise, "denoise": not no_denoise}
     if substeps is not None:
         options["substeps"] = substeps
@@ -151,10 +151,9 @@ def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend
     adaptive = sampler.lower() in ("rk45",)
     with tqdm(total=None if adaptive else steps * batches, unit="step", desc=f"sampling ({backend})",
               disable=None, leave=False) as bar:
-        samples, nfe = draw_samples(runtime, num, batch_size=batch_size, seed=seed, progress=bar.update, **options)
-    user = to_user_units(samples, runtime.config["data"])
-    write_samples(out, user, runtime.data_kind)
-    click.echo(f"wrote {num} samples to {out} ({sampler}, {nfe} network calls per batch, backend {backend})")
+        drawn = model.sample(num, batch_size=batch_size, seed=seed, callback=lambda *step: bar.update(1), **options)
+    write_samples(out, drawn.user_units(), model.data_kind)
+    click.echo(f"wrote {num} samples to {out} ({sampler}, {drawn.nfe} network calls per batch, backend {backend})")
 
 
 # ----------------------------------------------------------------------------- train
@@ -186,15 +185,13 @@ _TRAIN_OPTION_FIELDS = {
 
 def _preview(trainer, step: int) -> str:
     """A 6x6 grid (or scatter plot) from the EMA weights, written into the run folder."""
-    from .api import sample_full
     from .data import to_user_units
     from .images import save_samples_png
 
-    score_fn, ops = trainer.ema_score_model()
+    model = trainer.ema_score_model()
     n = 36 if trainer.data.kind == "image" else 2000
-    result = sample_full(trainer.sde, score_fn, (n, *trainer.data.shape), ops=ops, steps=trainer.cfg.sample_steps,
-                         seed=trainer.cfg.seed)
-    samples = to_user_units(ops.to_numpy(result.x), trainer.data.config())
+    drawn = model.sample(n, batch_size=n, steps=trainer.cfg.sample_steps, seed=trainer.cfg.seed)
+    samples = to_user_units(drawn.x, trainer.data.config())
     path = trainer.out / f"samples_{step:07d}.png"
     save_samples_png(path, samples, trainer.data.kind)
     return str(path)
@@ -352,7 +349,7 @@ def _print_table(rows) -> None:
               help="Run folder or .safetensors file. Default: the Fashion-MNIST HOLD model shipped in weights/.")
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default="mlx", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads: MLX streams or torch threads.")
 @click.option("--bpd", is_flag=True, help="Likelihood of test data: bits/dim (images) or nats (points).")
 @click.option("--n-images", type=click.IntRange(min=1), default=256, show_default=True,
               help="--bpd: test examples (the first N of the test split).")
@@ -400,19 +397,18 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
 
     from tqdm import tqdm
 
-    from .data import to_user_units
-    from .runtime import draw_samples, load_runtime
+    from .model import load
 
     quality = quality or fid_weights is not None or samples_file is not None
     if not (bpd or quality):
         raise click.UsageError("nothing to measure: pass --bpd and/or --quality")
     if out is not None:
         _check_out(out, (".json",))
-    runtime = load_runtime(checkpoint, backend, device=device, threads=threads)
-    data_cfg = runtime.config["data"]
+    model = load(checkpoint, backend, device=device, threads=threads)
+    data_cfg = model.config["data"]
     from .checkpoint import default_checkpoint
 
-    report = {"checkpoint": str(checkpoint or default_checkpoint()), "backend": backend, "sde": runtime.sde.to_config(),
+    report = {"checkpoint": str(checkpoint or default_checkpoint()), "backend": backend, "sde": model.sde.to_config(),
               "data": data_cfg}
     rows = []
     fid_net = None
@@ -442,12 +438,12 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
                 bar.update(done - bar.n)
                 bar.set_postfix(t=f"{t:.3g}", refresh=False)
 
-            res = evaluate_likelihood(runtime.sde, runtime.score_fn, runtime.ops, data, data_cfg, seed=seed,
+            res = evaluate_likelihood(model.sde, model, model.backend, data, data_cfg, seed=seed,
                                       batch_size=batch_size, estimator=estimator, rtol=rtol, atol=atol,
                                       progress=progress)
         report["likelihood"] = {"unit": res.unit, "mean": res.mean, "stderr": res.stderr, "n": len(res.values),
                                 "data": source, "estimator": estimator, "rtol": rtol, "atol": atol,
-                                "t0": runtime.sde.eps_loss, "nfe_per_batch": res.nfe, "seed": seed,
+                                "t0": model.sde.eps_loss, "nfe_per_batch": res.nfe, "seed": seed,
                                 "wall_s": time.time() - start}
         rows.append((res.unit, f"{res.mean:.4f}", f"± {res.stderr:.4f} (s.e., {source}, "
                                                    f"NFE {int(np.mean(res.nfe))}/batch)"))
@@ -471,10 +467,10 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
             adaptive = sampler.lower() == "rk45"
             with tqdm(total=None if adaptive else steps * batches, unit="step", desc=f"sampling ({backend})",
                       disable=None, leave=False) as bar:
-                drawn, nfe = draw_samples(runtime, n_samples, batch_size=batch_size, seed=seed,
-                                          progress=bar.update, **options)
-            samples = to_user_units(drawn, data_cfg)
-            how = {**options, "nfe": nfe, "seed": seed}
+                drawn = model.sample(n_samples, batch_size=batch_size, seed=seed,
+                                     callback=lambda *step: bar.update(1), **options)
+            samples = drawn.user_units()
+            how = {**options, "nfe": drawn.nfe, "seed": seed}
         reference, ref_source = reference_images(data_cfg, n_ref, dataset=dataset, data_dir=data_dir, seed=seed)
         metrics = sample_quality(samples, reference, data_cfg, classifier=classifier_net, fid_net=fid_net, seed=seed)
         report["quality"] = {**how, "n_samples": len(samples), "reference": ref_source, "metrics": metrics,
@@ -509,8 +505,9 @@ def doctor():
         from ._mlx import BLAS, BLAS_NOTE, mx
 
         rows += [("mlx", f"{mx.__version__}, default device {mx.default_device()}"), ("mlx BLAS", f"{BLAS} ({BLAS_NOTE})")]
-        from ._mlx import describe_cpu_tuning
+        from ._mlx import configure_cpu, describe_cpu_tuning
 
+        configure_cpu()  # the settings sampling and training use
         rows.append(("mlx CPU tuning", describe_cpu_tuning()))
         from . import fastops, native
 

@@ -54,46 +54,10 @@ EXACT_MAX_DIM = 256  # the exact trace costs d network passes per right-hand sid
 def score_probe(score_fn: Callable, ops: Ops, width: int) -> Callable:
     """(u, t, z) -> (s, q): the score s(u, t) and q = z.(ds/du_n) z per sample, shape (B,).
 
-    ``width`` is the size of one block on the last axis; z is shaped like one block. Both use a
-    reverse-mode VJP z^T (ds/du_n) (MLX has no forward-mode rule for convolutions).
+    ``width`` is the size of one block on the last axis; z is shaped like one block. The backend
+    supplies the VJP (``Backend.vjp_probe``; NumPy/onnxruntime have none).
     """
-    if ops.name == "mlx":
-        return _mlx_probe(score_fn, width)
-    if ops.name == "torch":
-        return _torch_probe(score_fn, width)
-    raise ValueError(f"the likelihood needs autodiff through the score network: use the mlx or torch "
-                     f"backend, not {ops.name}")
-
-
-def _mlx_probe(score_fn, width):
-    from ._mlx import mx
-
-    def probe(u, t, z):
-        rest, last = u[..., :-width], u[..., -width:]
-
-        def score_of_last(v):
-            return score_fn(mx.concatenate([rest, v], axis=-1) if rest.shape[-1] else v, t)
-
-        (s,), (zj,) = mx.vjp(score_of_last, [last], [z])
-        return s, (zj * z).reshape(z.shape[0], -1).sum(axis=1)
-
-    return probe
-
-
-def _torch_probe(score_fn, width):
-    import torch
-
-    fn = getattr(score_fn, "score", score_fn)  # TorchScoreModel.__call__ runs under no_grad
-
-    def probe(u, t, z):
-        with torch.enable_grad():
-            last = u[..., -width:].detach().requires_grad_(True)
-            v = torch.cat([u[..., :-width].detach(), last], dim=-1) if u.shape[-1] > width else last
-            s = fn(v, t)
-            (zj,) = torch.autograd.grad(s, last, grad_outputs=z)
-        return s.detach(), (zj * z).reshape(z.shape[0], -1).sum(dim=1)
-
-    return probe
+    return ops.vjp_probe(score_fn, width)
 
 
 # ----------------------------------------------------------------------------- extended-state likelihood

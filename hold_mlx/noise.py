@@ -43,32 +43,21 @@ class PortableNoise:
 
 
 class NativeNoise:
-    """The backend's own generator (NumPy, MLX or torch), seeded once."""
+    """The backend's own generator (``Backend.native_normal``), seeded once."""
 
     kind = "native"
 
     def __init__(self, seed: int, batch: int, ops):
         self._batch = batch
         self.shared = _philox(seed, _SHARED_STREAM)
-        if ops.name == "mlx":
-            self._key = ops.mx.random.key(seed)
-        elif ops.name == "torch":
-            self._gen = ops.torch.Generator(device=ops.device).manual_seed(seed)
-        else:
-            self._rng = np.random.default_rng(seed)
+        self._draw = ops.native_normal(seed)
 
     @property
     def batch(self) -> int:
         return self._batch
 
     def normal(self, ops, shape: tuple[int, ...]):
-        full = (self._batch,) + tuple(shape)
-        if ops.name == "mlx":
-            self._key, sub = ops.mx.random.split(self._key)
-            return ops.mx.random.normal(full, key=sub)
-        if ops.name == "torch":
-            return ops.torch.randn(full, generator=self._gen, device=ops.device)
-        return self._rng.standard_normal(full).astype(ops.dtype if hasattr(ops, "dtype") else np.float32)
+        return self._draw((self._batch,) + tuple(shape))
 
 
 def make_noise(kind: str, seed: int, sample_ids, ops):

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._mlx import mx, nn, optim
-from .model import ScoreModel, flat_params, set_flat_params, split_batch
+from ._mlx import mx, nn, optim, split_batch
+from .backends import MLXBackend
+from .model import Model, flat_params, set_flat_params
 from .nets import build_net
-from .objective import perturb, residual
+from .parameterisation import ScoreParameterisation
 from .trainloop import Batch, StepInfo, TrainConfig, TrainerBase, TrainingDiverged
 
 __all__ = ["Trainer", "TrainConfig", "StepInfo", "TrainingDiverged"]
@@ -29,27 +30,22 @@ def _noise_key(seed: tuple[int, int]):
 
 
 def score_matching_loss(model, n: int, x0, key, t, mean, chol, mixed, weight, rows=None, global_batch=None):
-    """Block-coordinate score matching on the last block (objective.py), MLX arrays.
+    """Block-coordinate score matching on the last block (``ScoreParameterisation.weighted_errors``),
+    MLX arrays.
 
     The noise is drawn for the global batch and this rank's ``rows`` are kept, so data-parallel
     training sees exactly the numbers one process would; the rank's batch is then split across
-    the CPU streams (``model.split_batch``; one piece on a GPU), which leaves the loss unchanged.
+    the CPU streams (``_mlx.split_batch``; one piece on a GPU), which leaves the loss unchanged.
     """
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-
-    def per_sample(col):
-        return col.reshape(shape)
-
+    backend = MLXBackend()
     lo, hi = rows if rows is not None else (0, x0.shape[0])
     eps = mx.random.normal((n, global_batch or x0.shape[0]) + x0.shape[1:], key=key)[:, lo:hi]
     eps = eps.swapaxes(0, 1)  # batch first, for the split
 
     def piece(x0, eps, t, mean, chol, mixed, weight):
-        blocks = perturb(x0, [eps[:, i] for i in range(n)], mean, chol, per_sample)
-        u = blocks[0] if n == 1 else mx.concatenate(blocks, axis=-1)
-        r = residual(model(u, t), blocks[-1], eps[:, -1], mixed, per_sample)
-        per_example = (r * r).reshape(r.shape[0], -1).mean(axis=1)
-        return (weight * per_example).sum()
+        eps_blocks = [eps[:, i] for i in range(n)]
+        return ScoreParameterisation.weighted_errors(model, backend, x0, eps_blocks, t, mean, chol, mixed,
+                                                     weight).sum()
 
     parts = split_batch(piece, x0, eps, t, mean, chol, mixed, weight)
     return (parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])) / x0.shape[0]
@@ -71,6 +67,7 @@ class Trainer(TrainerBase):
         return mx.distributed.all_sum(mx.array(int(flag)), group=self.group).item() > 0
 
     def _backend_build(self):
+        self.backend = MLXBackend().configure()
         mine = np.array_split(np.arange(self.cfg.batch_size), self.world)[self.rank]
         self._rows = ((int(mine[0]), int(mine[-1]) + 1), self.cfg.batch_size)  # static: part of the compiled step
         mx.random.seed(self.cfg.seed)
@@ -146,13 +143,12 @@ class Trainer(TrainerBase):
         self.optimizer.state = state
         self._step_fn = self._make_step()  # the compiled step captured the old state objects
 
-    def ema_score_model(self):
-        from .backends import MLXOps
-
+    def ema_score_model(self) -> Model:
         net = build_net(self.net_cfg)
         net.update(_copy_tree(self.ema))
         net.eval()
-        return ScoreModel(net, self.sde, {**self.model_config, "step": self.step}), MLXOps()
+        config = {**self.model_config, "step": self.step}
+        return Model(self.backend, self.backend.network_fn(net), self.sde, config, net=net)
 
 
 def _copy_tree(tree):

@@ -28,7 +28,7 @@ from .checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, atomic_write, 
                          read_tensors, write_tensors)
 from .data import Dataset, load_dataset
 from .netconfig import NetConfig, net_preset
-from .objective import Coefficients, objective_coefficients, sample_times
+from .parameterisation import Coefficients, objective_coefficients, sample_times
 from .sde import LinearSDE, get_sde
 
 __all__ = ["TrainConfig", "TrainerBase", "StepInfo", "TrainingDiverged", "RESUMABLE_CHANGES"]
@@ -184,7 +184,7 @@ class TrainerBase:
         return flag
 
     def ema_score_model(self):
-        """(score_fn, ops) of the EMA weights, for previews."""
+        """The EMA weights as a ``hold_mlx.model.Model`` (previews sample from it)."""
         raise NotImplementedError
 
     # -- configuration ----------------------------------------------------------------------------

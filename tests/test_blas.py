@@ -21,6 +21,7 @@ PROBE = """
 import json, sys
 {prelude}
 import hold_mlx._mlx as m
+m.configure_cpu()
 mx = m.mx
 a = mx.arange(12, dtype=mx.float32).reshape(3, 4)
 ok = mx.allclose(a @ a.T, mx.array([[14., 38., 62.], [38., 126., 214.], [62., 214., 366.]])).item()
@@ -110,3 +111,50 @@ def test_cli_reports_the_blas():
     else:
         text = out.stdout
     assert "BLAS:" in text
+
+
+CACHE_PROBE = """
+import json
+{imports}
+import mlx.core as mx
+
+def cache_limit():
+    limit = mx.set_cache_limit(0)  # the setter is the only getter MLX has
+    mx.set_cache_limit(limit)
+    return limit
+
+out = {{"imported": cache_limit()}}
+if {configure}:
+    import hold_mlx._mlx as m
+    from hold_mlx.backends import MLXBackend
+
+    out["blas_threads_before"] = m.BLAS_THREADS
+    MLXBackend().configure()
+    out["configured"] = cache_limit()
+    out["blas_threads"] = m.BLAS_THREADS
+    MLXBackend().configure()
+    out["again"] = cache_limit()
+print(json.dumps(out))
+"""
+
+
+def _cache_probe(imports: str, configure: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOLD_MLX_")}
+    env.update(HOLD_MLX_CACHE_MB="96", HOLD_MLX_THREADS="2")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", CACHE_PROBE.format(imports=imports, configure=configure)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_importing_changes_no_mlx_state_until_the_backend_is_configured():
+    """Importing hold_mlx's MLX modules leaves MLX's buffer cache at MLX's own default; configuring
+    the MLX backend sets it (HOLD_MLX_CACHE_MB) and the BLAS threads, and again changes nothing."""
+    default = _cache_probe("", configure=False)["imported"]
+    r = _cache_probe("import hold_mlx.nets, hold_mlx.model, hold_mlx.train", configure=True)
+    assert r["imported"] == default != 96 * 2**20
+    assert r["blas_threads_before"] is None
+    assert r["configured"] == r["again"] == 96 * 2**20
+    if _system_openblas() is not None:
+        assert r["blas_threads"] == 1  # two MLX streams: one BLAS thread per call

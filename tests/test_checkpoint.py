@@ -19,10 +19,12 @@ def test_save_load_round_trip_is_bitwise(tmp_path, tiny_run):
     from hold_mlx._mlx import mx
     from hold_mlx.model import flat_params
 
-    model, sde, config = hold_mlx.load(tiny_run)
+    model = hold_mlx.load(tiny_run)
+    sde, config = model.sde, model.config
     assert sde.name == "hold" and sde.order == 3 and config["step"] == 4
     hold_mlx.save(tmp_path / "copy.safetensors", model, config)
-    again, _, config2 = hold_mlx.load(tmp_path / "copy.safetensors")
+    again = hold_mlx.load(tmp_path / "copy.safetensors")
+    config2 = again.config
     a, b = flat_params(model.net.parameters()), flat_params(again.net.parameters())
     assert set(a) == set(b)
     for k in a:
@@ -86,7 +88,7 @@ def test_paths(tmp_path, tiny_run):
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(CheckpointError, match="has no model.safetensors"):
         hold_mlx.load(tmp_path / "empty_run")
-    model, _, _ = hold_mlx.load(tiny_run / MODEL_FILE)  # the file or its folder
+    model = hold_mlx.load(tiny_run / MODEL_FILE)  # the file or its folder
     assert model.data_shape == (8, 8, 1)
 
 
@@ -115,7 +117,7 @@ def test_shipped_weights_override(tmp_path, tiny_run, monkeypatch):
     target.parent.mkdir()
     shutil.copy(tiny_run / MODEL_FILE, target)
     monkeypatch.setenv("HOLD_MLX_WEIGHTS", str(target))
-    model, _, _ = hold_mlx.load()
+    model = hold_mlx.load()
     assert model.data_shape == (8, 8, 1)
 
 

@@ -141,7 +141,7 @@ def test_probe_on_a_network_mlx_torch_and_finite_differences(nonlinear_model):
     agree, and both match a central finite difference of the score along z in the last block."""
     pytest.importorskip("torch")
     from hold_mlx.likelihood import score_probe
-    from hold_mlx.runtime import load_runtime
+    from hold_mlx.model import load
 
     rng = np.random.default_rng(11)
     u = rng.standard_normal((2, 28, 28, 3)).astype(np.float32)
@@ -149,14 +149,15 @@ def test_probe_on_a_network_mlx_torch_and_finite_differences(nonlinear_model):
     t = np.array([0.3, 2.0])
     got = {}
     for backend in ("mlx", "torch"):
-        rt = load_runtime(nonlinear_model, backend)
-        s, q = score_probe(rt.score_fn, rt.ops, 1)(rt.ops.asarray(u), rt.ops.asarray(t), rt.ops.asarray(z))
-        got[backend] = (rt.ops.to_numpy(s), rt.ops.to_numpy(q))
+        model = load(nonlinear_model, backend)
+        ops = model.backend
+        s, q = score_probe(model, ops, 1)(ops.asarray(u), ops.asarray(t), ops.asarray(z))
+        got[backend] = (ops.to_numpy(s), ops.to_numpy(q))
         if backend == "mlx":
             h = 1e-2
             shift = np.concatenate([np.zeros_like(u[..., :2]), h * z], axis=-1)
-            plus = rt.ops.to_numpy(rt.score_fn(rt.ops.asarray(u + shift), rt.ops.asarray(t)))
-            minus = rt.ops.to_numpy(rt.score_fn(rt.ops.asarray(u - shift), rt.ops.asarray(t)))
+            plus = ops.to_numpy(model(ops.asarray(u + shift), ops.asarray(t)))
+            minus = ops.to_numpy(model(ops.asarray(u - shift), ops.asarray(t)))
             fd = ((plus - minus) / (2 * h) * z).reshape(2, -1).sum(1)
             np.testing.assert_allclose(got["mlx"][1], fd, rtol=2e-2)
     np.testing.assert_allclose(got["mlx"][0], got["torch"][0], rtol=1e-4, atol=1e-4)
@@ -170,15 +171,15 @@ def test_likelihood_mlx_and_torch_agree_on_a_network(tmp_path):
     VP and 0.1 for CLD, which the two backends' step choices then expose.)"""
     pytest.importorskip("torch")
     from hold_mlx.likelihood import evaluate_likelihood
-    from hold_mlx.runtime import load_runtime
+    from hold_mlx.model import load
 
     data = {"name": "8gaussians", "kind": "points", "shape": [2], "shift": [0.0, 0.0], "scale": [2.0, 2.0]}
     path = make_checkpoint(tmp_path / "vp.safetensors", sde="vp", net="mlp-tiny", data=data, noise=0.01)
     points = np.random.default_rng(12).standard_normal((4, 2)) * 2.0
     values = {}
     for backend in ("mlx", "torch"):
-        rt = load_runtime(path, backend)
-        values[backend] = evaluate_likelihood(rt.sde, rt.score_fn, rt.ops, points, rt.config["data"], seed=4,
+        model = load(path, backend)
+        values[backend] = evaluate_likelihood(model.sde, model, model.backend, points, model.config["data"], seed=4,
                                               estimator="exact", rtol=1e-6, atol=1e-6).values
     np.testing.assert_allclose(values["mlx"], values["torch"], atol=2e-3)
 

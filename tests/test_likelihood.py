@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from hold_mlx.backends import MLXOps
+from hold_mlx.backends import MLXBackend
 from hold_mlx.exact import ExactScore, GaussianMixture
 from hold_mlx.likelihood import (aux_entropy, bits_per_dim, data_nll, dequantize, evaluate_likelihood,
                                  log_likelihood, score_probe)
@@ -116,7 +116,7 @@ def test_extended_log_density_matches_exact_flow(name, d):
     sde, rng = get_sde(name), np.random.default_rng(2)
     cov = random_cov(d, rng)
     u0 = rng.standard_normal((6, sde.order * d)) * 0.7
-    ops = MLXOps()
+    ops = MLXBackend()
     got = log_likelihood(sde, GaussianScore(sde, cov), ops.asarray(u0), ops, rtol=1e-6, atol=1e-6)
     ref = flow_reference(sde, cov, u0, sde.eps_loss)
     # RK45 at 1e-6 in float32: measured |error| <= 5e-4 nats; the bound leaves 4x room.
@@ -126,12 +126,12 @@ def test_extended_log_density_matches_exact_flow(name, d):
 
 def test_torch_adapter_matches_exact_flow():
     torch = pytest.importorskip("torch")
-    from hold_mlx.backends import TorchOps
+    from hold_mlx.backends import TorchBackend
 
     sde, rng = get_sde("hold"), np.random.default_rng(3)
     cov = random_cov(2, rng)
     u0 = rng.standard_normal((4, 6)) * 0.7
-    ops = TorchOps()
+    ops = TorchBackend()
     got = log_likelihood(sde, GaussianScore(sde, cov, "torch"), ops.asarray(u0), ops, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got.logp, flow_reference(sde, cov, u0, sde.eps_loss), atol=2e-3, rtol=0)
     assert torch.is_grad_enabled()  # the adapter must not leave autograd switched off
@@ -146,7 +146,7 @@ def test_probe_is_the_quadratic_form_of_the_last_block_jacobian():
     t = np.array([0.01, 0.2, 0.5, 0.9])
     jac = -precision(sde, cov, t)[:, -3:, -3:]
     expected = np.einsum("bi,bij,bj->b", z, jac, z)
-    ops = MLXOps()
+    ops = MLXBackend()
     _, q = score_probe(GaussianScore(sde, cov), ops, 3)(ops.asarray(u), ops.asarray(t), ops.asarray(z))
     np.testing.assert_allclose(np.array(q), expected, rtol=1e-4, atol=1e-4)
 
@@ -160,7 +160,7 @@ def test_hutchinson_is_unbiased():
     cov = random_cov(3, rng, scale=1.0)
     u0 = np.repeat(rng.standard_normal((1, 9)) * 0.7, 96, axis=0)
     probes = rng.choice([-1.0, 1.0], size=(96, 3))
-    ops = MLXOps()
+    ops = MLXBackend()
     exact = log_likelihood(sde, GaussianScore(sde, cov), ops.asarray(u0[:1]), ops).logp[0]
     hutch = log_likelihood(sde, GaussianScore(sde, cov), ops.asarray(u0), ops, probes=ops.asarray(probes)).logp
     se = hutch.std(ddof=1) / math.sqrt(len(hutch))
@@ -170,16 +170,16 @@ def test_hutchinson_is_unbiased():
 
 def test_exact_trace_refuses_high_dimensional_data():
     sde = get_sde("vp")
-    ops = MLXOps()
+    ops = MLXBackend()
     with pytest.raises(ValueError, match="hutchinson"):
         log_likelihood(sde, lambda u, t: -u, ops.asarray(np.zeros((1, 300))), ops)
 
 
 def test_likelihood_needs_an_autodiff_backend():
-    from hold_mlx.backends import NumpyOps
+    from hold_mlx.backends import NumpyBackend
 
     with pytest.raises(ValueError, match="mlx or torch"):
-        score_probe(lambda u, t: u, NumpyOps(), 1)
+        score_probe(lambda u, t: u, NumpyBackend(), 1)
 
 
 # ----------------------------------------------------------------------------- the data bound
@@ -198,7 +198,7 @@ def test_data_nll_bound_is_exact_in_expectation(name, d):
     x = rng.multivariate_normal(np.zeros(d), cov, size=1)
     K = 48
     rngs = [np.random.default_rng([7, i]) for i in range(K)]
-    ops = MLXOps()
+    ops = MLXBackend()
     nll, _ = data_nll(sde, GaussianScore(sde, cov), np.repeat(x, K, axis=0), ops, rngs, estimator="exact",
                       rtol=1e-6, atol=1e-6)
     target = -log_normal(x, cov)[0]
@@ -263,7 +263,7 @@ def test_images_end_to_end_match_the_dequantised_gaussian():
     cov = random_cov(d, rng, scale=0.4)
     k = np.array([40.0, 130.0, 200.0, 250.0])
     images = np.repeat((k / 255.0).reshape(1, 2, 2, 1), 40, axis=0)
-    ops = MLXOps()
+    ops = MLXBackend()
     res = evaluate_likelihood(sde, GaussianScore(sde, cov), ops, images, cfg, seed=3, batch_size=20,
                               estimator="exact", rtol=1e-6, atol=1e-6)
     assert res.unit == "bits/dim" and len(res.values) == 40 and len(res.nfe) == 2
@@ -282,7 +282,7 @@ def test_results_do_not_depend_on_the_batching():
     cov = random_cov(2, rng)
     cfg = {"kind": "points", "shape": [2], "shift": [0.0, 1.0], "scale": [2.0, 0.5]}
     pts = rng.standard_normal((5, 2))
-    ops = MLXOps()
+    ops = MLXBackend()
     score = GaussianScore(sde, cov)
     a = evaluate_likelihood(sde, score, ops, pts, cfg, seed=1, batch_size=5)
     b = evaluate_likelihood(sde, score, ops, pts, cfg, seed=1, batch_size=2)

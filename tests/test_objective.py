@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hold_mlx.objective import objective_coefficients, perturb, residual, sample_times, score_scale
+from hold_mlx.parameterisation import (ScoreParameterisation, objective_coefficients, perturb, residual,
+                                       sample_times)
 from hold_mlx.sde import get_sde
 
 PRESETS = [("vp", {}), ("cld", {}), ("hold", {"order": 3}), ("hold", {"order": 4})]
@@ -54,7 +55,7 @@ def test_score_scale_inverts_the_residual(name, kw):
     u_last, eps_last = rng.standard_normal(16), rng.standard_normal(16)
     alpha = eps_last - c.mixed * u_last
     assert np.allclose(residual(alpha, u_last, eps_last, c.mixed, lambda x: x), 0.0)
-    a, b = score_scale(sde, t, mixed_score=True)
+    a, b = ScoreParameterisation(sde, {"mixed_score": True}).score_coefficients(t)
     np.testing.assert_allclose(a * alpha + b * u_last, -eps_last / c.chol[:, -1, -1], rtol=1e-12, atol=1e-12)
 
 

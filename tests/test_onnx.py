@@ -108,12 +108,12 @@ def test_export_metadata_carries_the_checkpoint_config(exported):
 
 
 def test_onnx_alpha_matches_torch_and_score_matches_torch(exported):
-    from hold_export.onnx_runtime import load_onnx_model
-    from hold_export.torch_model import load_torch_model
+    from hold_mlx.model import load
 
     ckpt, out, _ = exported
-    ort_model, sde, config = load_onnx_model(out, threads=1)
-    torch_model, _, _ = load_torch_model(ckpt)
+    ort_model = load(out, "onnx", threads=1)
+    sde, config = ort_model.sde, ort_model.config
+    torch_model = load(ckpt, "torch")
     rng = np.random.default_rng(3)
     u = rng.standard_normal((5, 8, 8, 3)).astype(np.float32)
     t = np.array([1e-3, 0.01, 0.5, 2.0, 5.0], np.float32)
@@ -157,14 +157,14 @@ def test_export_mismatch_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
 def test_fp16_export_stays_close_to_torch(tmp_path):
     """fp16 graph (time features in fp32): within 2e-2 of torch fp32, and samples close to fp32."""
     from hold_export.onnx_export import export_onnx
-    from hold_mlx.runtime import draw_samples, load_runtime
+    from hold_mlx.model import load
 
     ckpt = make_checkpoint(tmp_path / "tiny.safetensors")
     report = export_onnx(ckpt, tmp_path / "tiny16.onnx", fp16=True)
     assert report.precision == "fp16" and all(e < 2e-2 for e in report.errors.values())
     export_onnx(ckpt, tmp_path / "tiny32.onnx")
-    x16, _ = draw_samples(load_runtime(tmp_path / "tiny16.onnx", "onnx", threads=1), 4, steps=10, seed=1)
-    x32, _ = draw_samples(load_runtime(tmp_path / "tiny32.onnx", "onnx", threads=1), 4, steps=10, seed=1)
+    x16 = load(tmp_path / "tiny16.onnx", "onnx", threads=1).sample(4, steps=10, seed=1).x
+    x32 = load(tmp_path / "tiny32.onnx", "onnx", threads=1).sample(4, steps=10, seed=1).x
     assert 0 < np.abs(x16 - x32).max() < 0.05 * np.abs(x32).max()
 
 
@@ -173,13 +173,14 @@ def test_fp16_export_stays_close_to_torch(tmp_path):
 
 def test_same_seed_same_samples_on_onnx_mlx_and_torch(exported):
     pytest.importorskip("mlx.core")
-    from hold_mlx.runtime import draw_samples, load_runtime
+    from hold_mlx.model import load
 
     ckpt, out, _ = exported
     options = dict(steps=8, seed=11, batch_size=3)
-    x_onnx, nfe = draw_samples(load_runtime(out, "onnx", threads=1), 5, **options)
-    x_mlx, _ = draw_samples(load_runtime(ckpt, "mlx"), 5, **options)
-    x_torch, _ = draw_samples(load_runtime(ckpt, "torch", threads=1), 5, **options)
+    drawn = load(out, "onnx", threads=1).sample(5, **options)
+    x_onnx, nfe = drawn.x, drawn.nfe
+    x_mlx = load(ckpt, "mlx").sample(5, **options).x
+    x_torch = load(ckpt, "torch", threads=1).sample(5, **options).x
     assert x_onnx.shape == (5, 8, 8, 1) and nfe == 9
     assert np.abs(x_onnx).max() > 0.1
     np.testing.assert_allclose(x_onnx, x_torch, atol=1e-3)
@@ -207,7 +208,7 @@ _BLOCKED_RUN = textwrap.dedent("""
 
 def test_onnx_sampling_needs_neither_torch_nor_mlx(exported, tmp_path):
     from hold_mlx.data import to_user_units
-    from hold_mlx.runtime import draw_samples, load_runtime
+    from hold_mlx.model import load
 
     _, model, _ = exported
     out = tmp_path / "s.npz"
@@ -217,9 +218,9 @@ def test_onnx_sampling_needs_neither_torch_nor_mlx(exported, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "LOADED []" in proc.stdout
-    runtime = load_runtime(model, "onnx", threads=1)
-    expected, _ = draw_samples(runtime, 4, steps=6, seed=5)
-    np.testing.assert_allclose(np.load(out)["samples"], to_user_units(expected, runtime.config["data"]), atol=1e-6)
+    loaded = load(model, "onnx", threads=1)
+    expected = loaded.sample(4, steps=6, seed=5).x
+    np.testing.assert_allclose(np.load(out)["samples"], to_user_units(expected, loaded.config["data"]), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -264,7 +265,7 @@ def test_wrong_format_versions_are_rejected(exported, tmp_path):
 
 
 def test_shape_mismatches_are_rejected(exported, tmp_path):
-    from hold_export.onnx_runtime import load_onnx_model
+    from hold_mlx.model import load
 
     _, model, _ = exported
 
@@ -274,7 +275,7 @@ def test_shape_mismatches_are_rejected(exported, tmp_path):
 
     assert "graph input u is" in _sample_error(_reexport(model, tmp_path / "shape.onnx", other_shape))
 
-    score_fn, _, _ = load_onnx_model(model, threads=1)
+    score_fn = load(model, "onnx", threads=1)
     t = np.full(2, 0.5, np.float32)
     with pytest.raises(ValueError, match=r"u has shape \(2, 8, 8, 1\), the model expects \(batch, 8, 8, 3\)"):
         score_fn(np.zeros((2, 8, 8, 1), np.float32), t)

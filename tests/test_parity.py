@@ -20,7 +20,7 @@ from hold_export.torch_train import TorchTrainer  # noqa: E402
 from hold_mlx.checkpoint import MODEL_FILE, STATE_FILE, read_config, read_tensors, write_tensors  # noqa: E402
 from hold_mlx.cli import main  # noqa: E402
 from hold_mlx.netconfig import net_preset  # noqa: E402
-from hold_mlx.runtime import draw_samples, load_runtime  # noqa: E402
+from hold_mlx.model import load  # noqa: E402
 from hold_mlx.sde import get_sde  # noqa: E402
 from hold_mlx.train import Trainer as MLXTrainer  # noqa: E402
 from hold_mlx.trainloop import TrainConfig  # noqa: E402
@@ -33,7 +33,7 @@ RUN = dict(dataset="digits", net="tiny", batch_size=8, lr=1e-2, warmup=0, ema_de
 
 
 def _samples(checkpoint, backend, **options):
-    return draw_samples(load_runtime(checkpoint, backend), 5, batch_size=3, seed=11, **options)[0]
+    return load(checkpoint, backend).sample(5, batch_size=3, seed=11, **options).x
 
 
 @pytest.mark.parametrize("sampler", ["lie-trotter", "euler-maruyama"])

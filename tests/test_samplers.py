@@ -23,7 +23,7 @@ import scipy.linalg as sla
 from scipy.integrate import solve_ivp
 
 from hold_mlx.api import sample_full
-from hold_mlx.backends import NumpyOps, get_ops
+from hold_mlx.backends import NumpyBackend, get_backend
 from hold_mlx.exact import ExactScore, GaussianMixture, median_distance, ring_mixture, sliced_wasserstein
 from hold_mlx.metrics import gaussian_kernel, mmd2_unbiased
 from hold_mlx.noise import PortableNoise
@@ -101,7 +101,7 @@ class ProbeNoise:
 def probe_covariance(sde, variances, sampler, steps, **options):
     """Exact covariance of the sampler's output (d x d) for data N(0, diag(variances))."""
     score = gaussian_score(sde, variances)
-    ops = NumpyOps(np.float64)
+    ops = NumpyBackend(np.float64)
     counter = ProbeNoise(1)
     d = len(variances)
     run_sampler(sde, score, (1, d), ops=ops, noise=counter, sampler=sampler, steps=steps, **options)
@@ -447,7 +447,7 @@ def test_torch_matches_numpy():
 
 def float64_run(sde, score, sampler, steps, shape, seed=0, **options):
     noise = PortableNoise(seed, np.arange(shape[0]))
-    return run_sampler(sde, score, shape, ops=NumpyOps(np.float64), noise=noise, sampler=sampler, steps=steps,
+    return run_sampler(sde, score, shape, ops=NumpyBackend(np.float64), noise=noise, sampler=sampler, steps=steps,
                        **options).x
 
 
@@ -466,7 +466,7 @@ def direct_plmc(sde, score, steps, K, variant, shape, seed):
     B, d = shape
     n = sde.order
     noise = PortableNoise(seed, np.arange(B))
-    draw = lambda: np.asarray(noise.normal(NumpyOps(np.float64), (n * d,)), dtype=np.float64)  # noqa: E731
+    draw = lambda: np.asarray(noise.normal(NumpyBackend(np.float64), (n * d,)), dtype=np.float64)  # noqa: E731
     prior = draw().reshape(B, n, d)  # blocks side by side on the last axis
     u = np.einsum("ij,bjd->bid", sde.prior_factor, prior)
     prec = sde.stationary_precision_last_row()
@@ -519,7 +519,7 @@ def direct_pc_langevin(sde, score, steps, snr, shape, seed, momentum, norms):
     B, d = shape
     n = sde.order
     noise = PortableNoise(seed, np.arange(B))
-    draw = lambda size: np.asarray(noise.normal(NumpyOps(np.float64), (size,)), dtype=np.float64)  # noqa: E731
+    draw = lambda size: np.asarray(noise.normal(NumpyBackend(np.float64), (size,)), dtype=np.float64)  # noqa: E731
     u = np.einsum("ij,bjd->bid", sde.prior_factor, draw(n * d).reshape(B, n, d))
     prec = sde.stationary_precision_last_row()
     if norms == "sample":

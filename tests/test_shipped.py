@@ -27,15 +27,15 @@ def test_shipped_model_scores_agree_on_mlx_and_torch():
     import mlx.core as mx
     import torch
 
-    from hold_mlx.runtime import load_runtime
+    from hold_mlx.model import load
 
-    mlx_rt, torch_rt = load_runtime(None, "mlx"), load_runtime(None, "torch")
+    mlx_model, torch_model = load(None, "mlx"), load(None, "torch")
     rng = np.random.default_rng(0)
     u = rng.standard_normal((4, 28, 28, 3)).astype(np.float32)
     t = np.array([1e-3, 0.1, 0.5, 1.0], dtype=np.float32)
-    s_mlx = np.array(mlx_rt.score_fn(mx.array(u), mx.array(t)))
+    s_mlx = np.array(mlx_model(mx.array(u), mx.array(t)))
     with torch.no_grad():
-        s_torch = torch_rt.score_fn(torch.from_numpy(u), torch.from_numpy(t)).numpy()
+        s_torch = torch_model(torch.from_numpy(u), torch.from_numpy(t)).numpy()
     assert s_mlx.shape == (4, 28, 28, 1)
     scale = np.abs(s_torch).max(axis=(1, 2, 3))
     assert np.all(np.abs(s_mlx - s_torch).max(axis=(1, 2, 3)) <= 1e-4 * scale), (s_mlx - s_torch).max()
@@ -49,10 +49,11 @@ def test_shipped_samples_look_like_fashion_mnist():
     from hold_mlx.classifier import classifier_logits, load_classifier
     from hold_mlx.data import load_dataset, to_user_units
     from hold_mlx.quality import reference_images, sample_quality
-    from hold_mlx.runtime import draw_samples, load_runtime
+    from hold_mlx.model import load
 
-    rt = load_runtime(None, "mlx")
-    x, nfe = draw_samples(rt, 64, batch_size=64, steps=50, seed=0)
+    rt = load(None, "mlx")
+    drawn = rt.sample(64, batch_size=64, steps=50, seed=0)
+    x, nfe = drawn.x, drawn.nfe
     assert nfe == 51 and np.isfinite(x).all()
     cfg = rt.config["data"]
     images = to_user_units(x, cfg)
@@ -71,10 +72,10 @@ def test_shipped_samples_look_like_fashion_mnist():
 
 def test_shipped_2d_demo_samples_the_eight_modes():
     from hold_mlx.data import to_user_units
-    from hold_mlx.runtime import draw_samples, load_runtime
+    from hold_mlx.model import load
 
-    rt = load_runtime(WEIGHTS.parent / "8gaussians-hold", "mlx")
-    x, _ = draw_samples(rt, 1000, batch_size=1000, steps=100, seed=1)
+    rt = load(WEIGHTS.parent / "8gaussians-hold", "mlx")
+    x = rt.sample(1000, batch_size=1000, steps=100, seed=1).x
     pts = to_user_units(x, rt.config["data"])
     angles = 2 * np.pi * np.arange(8) / 8
     modes = 2 * np.stack([np.cos(angles), np.sin(angles)], 1)

@@ -24,7 +24,7 @@ from hold_export.torch_train import TorchTrainer, score_matching_loss  # noqa: E
 from hold_mlx.checkpoint import STATE_FILE, read_config, read_tensors, write_tensors  # noqa: E402
 from hold_mlx.cli import main  # noqa: E402
 from hold_mlx.netconfig import net_preset  # noqa: E402
-from hold_mlx.objective import objective_coefficients  # noqa: E402
+from hold_mlx.parameterisation import objective_coefficients  # noqa: E402
 from hold_mlx.sde import get_sde  # noqa: E402
 from hold_mlx.trainloop import TrainConfig  # noqa: E402
 from torch_fixtures import digits, one_thread  # noqa: E402,F401

@@ -113,7 +113,7 @@ def test_compiled_training_lowers_the_loss(tmp_path):
     the excess loss over the exact optimum, computed from the true 8-Gaussians law."""
     from hold_mlx._mlx import mx
     from hold_mlx.exact import GaussianMixture, ExactScore
-    from hold_mlx.objective import objective_coefficients
+    from hold_mlx.parameterisation import objective_coefficients
     from hold_mlx.train import _noise_key, score_matching_loss
 
     cfg = tiny_config(dataset="8gaussians", net="mlp-tiny", sde="hold", steps=600, batch_size=128,
@@ -199,7 +199,7 @@ def test_mlp_learns_the_eight_gaussians(tmp_path):
     The budget matters: the modes (std 0.1 at radius 2) need the score at t < 0.1, which the MLP
     learns last; at 2500 steps ~80% of the samples land within 0.5 of a mode, at 4000 ~98%."""
     from hold_mlx.data import make_toy
-    from hold_mlx.runtime import draw_samples, load_runtime
+    from hold_mlx.model import load
     from hold_mlx.data import to_user_units
 
     cfg = tiny_config(dataset="8gaussians", net="mlp", sde="hold", steps=4000, batch_size=256, lr=2e-3,
@@ -207,9 +207,9 @@ def test_mlp_learns_the_eight_gaussians(tmp_path):
     out = tmp_path / "run"
     for _ in trainer(cfg, out).run():
         pass
-    runtime = load_runtime(out, "mlx")
-    x, _ = draw_samples(runtime, 2000, batch_size=1000, steps=100, seed=3)
-    pts = to_user_units(x, runtime.config["data"])
+    model = load(out, "mlx")
+    x = model.sample(2000, batch_size=1000, steps=100, seed=3).x
+    pts = to_user_units(x, model.config["data"])
     angles = 2 * np.pi * np.arange(8) / 8
     modes = 2 * np.stack([np.cos(angles), np.sin(angles)], 1)
     dist = np.linalg.norm(pts[:, None, :] - modes[None], axis=-1)

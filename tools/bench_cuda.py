@@ -42,12 +42,13 @@ import torch  # noqa: E402
 
 from hold_export.flops import TRAIN_FACTOR, counted_flops, forward_flops  # noqa: E402
 from hold_export.parity import network_parity, random_checkpoint_config, random_checkpoint_tensors  # noqa: E402
-from hold_export.torch_model import TorchScoreModel, load_weights, resolve_device  # noqa: E402
+from hold_export.torch_model import load_weights, resolve_device  # noqa: E402
 from hold_export.torch_nets import build_net  # noqa: E402
 from hold_export.torch_train import TorchTrainer  # noqa: E402
 from hold_mlx.api import sample_full  # noqa: E402
-from hold_mlx.backends import TorchOps  # noqa: E402
+from hold_mlx.backends import TorchBackend  # noqa: E402
 from hold_mlx.data import Dataset  # noqa: E402
+from hold_mlx.model import Model  # noqa: E402
 from hold_mlx.netconfig import net_preset  # noqa: E402
 from hold_mlx.sde import get_sde  # noqa: E402
 from hold_mlx.trainloop import TrainConfig  # noqa: E402
@@ -131,8 +132,8 @@ def bench_sample(cfg, sde, device, batch, steps, noise, amp_dtype, channels_last
     net = net.to(device).eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model = TorchScoreModel(net, sde, config, amp_dtype=amp_dtype)
-    ops = TorchOps(device)
+    ops = TorchBackend(device, amp_dtype=amp_dtype)
+    model = Model(ops, ops.network_fn(net), sde, config, net=net)
     shape = (batch, cfg.image_size, cfg.image_size, cfg.data_channels)
     sample_full(sde, model, shape, ops=ops, steps=2, noise=noise)  # warm-up (cuDNN autotune, allocator)
     sync(device)

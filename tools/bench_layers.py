@@ -20,7 +20,7 @@ os.environ.setdefault("HOLD_MLX_BLAS_THREADS", "1")
 from benchmark import median_time, model_flops_per_image  # noqa: E402  (tools/benchmark.py, next to this file)
 
 from hold_mlx import fastops  # noqa: E402
-from hold_mlx._mlx import mx, nn  # noqa: E402
+from hold_mlx._mlx import configure_cpu, mx, nn  # noqa: E402
 
 CONVS = [(28, 32, 32), (28, 64, 64), (28, 96, 32), (14, 64, 64), (14, 128, 64), (7, 64, 64)]  # (size, C, O)
 NORMS = [(28, 32), (28, 96), (14, 128)]  # (size, C), 8 groups, + SiLU
@@ -46,6 +46,7 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
+    configure_cpu()  # one stream, one BLAS thread (the environment above)
     import torch
 
     torch.set_num_threads(1)
@@ -109,18 +110,17 @@ def whole_network_rows(b: int, r: int, native, mlx_paths) -> list[str]:
     """The shipped U-Net end to end, compiled, one stream: forward, then forward + backward."""
     import torch
 
-    from hold_export.torch_model import load_torch_model
     from hold_mlx.checkpoint import default_checkpoint
-    from hold_mlx.model import load_model
+    from hold_mlx.model import load
 
     flop_per_image = model_flops_per_image(default_checkpoint())
-    model, _, cfg = load_model()
-    net = model.net
+    model = load()
+    net, cfg = model.net, model.config
     shape = (b, *cfg["data"]["shape"][:2], cfg["net"]["order"] * cfg["net"]["data_channels"])
     u, t = mx.random.normal(shape), mx.full((b,), 0.5)
     probe = mx.random.normal(shape[:3] + (cfg["net"]["data_channels"],))
     mx.eval(u, t, probe)
-    tnet = load_torch_model(None, device="cpu")[0].net
+    tnet = load(None, "torch").net
     tu, tt = torch.randn(b, shape[3], *shape[1:3]), torch.full((b,), 0.5)
     tprobe = torch.randn(b, cfg["net"]["data_channels"], *shape[1:3])
 

@@ -95,9 +95,10 @@ def model_flops_per_image(checkpoint) -> float:
     """Multiply-adds x 2 of one network call per image: convolutions, linear layers, attention."""
     from hold_mlx._mlx import mx, nn
     from hold_mlx import nets
-    from hold_mlx.model import load_model
+    from hold_mlx.model import load
 
-    model, _, config = load_model(checkpoint)
+    model = load(checkpoint)
+    config = model.config
     total = [0.0]
     conv_call, linear_call, attn_call = nn.Conv2d.__call__, nn.Linear.__call__, nets.Attention.__call__
 
@@ -157,9 +158,9 @@ def _onnx_file(checkpoint: Path, workdir: Path) -> tuple[Path, str]:
         pass
     import torch
 
-    from hold_export.torch_model import load_torch_model
+    from hold_mlx.model import load
 
-    model, _, _ = load_torch_model(checkpoint)
+    model = load(checkpoint, "torch")
 
     class ChannelsLast(torch.nn.Module):
         def __init__(self, net):
@@ -176,44 +177,36 @@ def _onnx_file(checkpoint: Path, workdir: Path) -> tuple[Path, str]:
     return out, "torch.onnx.export (benchmark fallback)"
 
 
-class _OnnxScore:
-    """score(u, t) from a bare alpha-graph .onnx (the fallback export), NumPy in and out."""
+class _OnnxNetwork:
+    """alpha(u, t) from a bare alpha-graph .onnx (the fallback export), NumPy in and out."""
 
-    def __init__(self, path, sde, config, threads):
+    def __init__(self, path, threads):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.sde, self.config = sde, config
-        self.channels = int(config["net"]["data_channels"])
 
     def __call__(self, u, t):
-        from hold_mlx.objective import score_scale
-
-        a, b = score_scale(self.sde, t, mixed_score=bool(self.config["objective"].get("mixed_score", True)))
-        alpha = self.session.run(None, {"u": np.ascontiguousarray(u, np.float32), "t": np.asarray(t, np.float32)})[0]
-        shape = (-1,) + (1,) * (u.ndim - 1)
-        return (a.astype(np.float32).reshape(shape) * alpha
-                + b.astype(np.float32).reshape(shape) * u[..., -self.channels:])
+        return self.session.run(None, {"u": np.ascontiguousarray(u, np.float32), "t": np.asarray(t, np.float32)})[0]
 
 
 def load_backend(kind: str, checkpoint: Path, threads: int, workdir: Path):
-    from hold_mlx.runtime import Runtime, load_runtime
+    """(model, how the .onnx was made); MLX takes its threads from HOLD_MLX_THREADS (run_worker)."""
+    from hold_mlx.model import Model, load
 
     if kind != "onnx":
-        return load_runtime(checkpoint, kind, threads=threads), ""
+        return load(checkpoint, kind, threads=None if kind == "mlx" else threads), ""
     onnx_path, how = _onnx_file(checkpoint, workdir)
     try:
-        return load_runtime(onnx_path, "onnx", threads=threads), how
+        return load(onnx_path, "onnx", threads=threads), how
     except Exception:  # the fallback file carries no hold-mlx metadata
-        from hold_mlx.backends import NumpyOps
+        from hold_mlx.backends import OnnxBackend
         from hold_mlx.checkpoint import read_tensors, sde_from_config
 
         _, config = read_tensors(checkpoint)
-        sde = sde_from_config(config)
-        return Runtime(_OnnxScore(onnx_path, sde, config, threads), sde, config, NumpyOps(), "onnx"), how
+        return Model(OnnxBackend(), _OnnxNetwork(onnx_path, threads), sde_from_config(config), config), how
 
 
 def train_step_time(kind: str, batch: int, repeats: int) -> float:
@@ -250,30 +243,30 @@ def worker(args) -> dict:
     from hold_mlx.api import sample_full
 
     result = {"backend": kind}
-    if kind == "mlx":
-        from hold_mlx import _mlx, fastops, native
-
-        result.update(blas=_mlx.BLAS, blas_threads=_mlx.BLAS_THREADS, streams=len(_mlx.cpu_streams()),
-                      fastops=fastops.enabled(), native=fastops.enabled() and native.status().available,
-                      device=str(_mlx.mx.default_device()))
     with tempfile.TemporaryDirectory() as tmp:
         rt, how = load_backend(kind, Path(args.checkpoint), threads, Path(tmp))
+        if kind == "mlx":  # after load: it configures the MLX backend
+            from hold_mlx import _mlx, fastops, native
+
+            result.update(blas=_mlx.BLAS, blas_threads=_mlx.BLAS_THREADS, streams=len(_mlx.cpu_streams()),
+                          fastops=fastops.enabled(), native=fastops.enabled() and native.status().available,
+                          device=str(_mlx.mx.default_device()))
         if how:
             result["exporter"] = how
-        ops, shape = rt.ops, (args.batch,) + rt.data_shape
+        ops, shape = rt.backend, (args.batch,) + rt.data_shape
         n = rt.sde.order
         rng = np.random.default_rng(1)
         u = ops.asarray(rng.standard_normal(shape[:-1] + (n * shape[-1],)).astype(np.float32))
         t = ops.asarray(np.linspace(0.1, 1.0, args.batch))
 
         def call():
-            ops.eval(out := rt.score_fn(u, t))
+            ops.eval(out := rt(u, t))
             ops.to_numpy(out[:1])  # make sure the work is done (lazy MLX, async torch)
 
         result["latency_s"] = median_time(call, args.repeats, warmup=2)
         result["sample_s"], result["nfe"] = {}, {}
         for steps in args.steps:
-            def sample(score=rt.score_fn, steps=steps):
+            def sample(score=rt, steps=steps):
                 r = sample_full(rt.sde, score, shape, ops=ops, steps=steps, seed=0)
                 ops.to_numpy(r.x)
                 return r.nfe
@@ -311,14 +304,14 @@ def rate_worker(args) -> dict:
 def blas_worker(args) -> dict:
     """MLX with whatever BLAS this process got: matmul, one 3x3 conv, one network call (batch 8)."""
     from hold_mlx._mlx import BLAS, mx, set_blas_threads
-    from hold_mlx.model import load_model
+    from hold_mlx.model import load
 
-    set_blas_threads(args.threads)
+    model = load(args.checkpoint)
+    set_blas_threads(args.threads)  # after load, which configures MLX from the environment
     x, y = mx.random.normal((1024, 1024)), mx.random.normal((1024, 1024))
     out = {"blas": BLAS, "matmul_gflops": 2.0 * 1024**3 / median_time(lambda: mx.eval(x @ y), 3) / 1e9}
     img, w = mx.random.normal((8, 28, 28, 64)), mx.random.normal((64, 3, 3, 64))
     out["conv_s"] = median_time(lambda: mx.eval(mx.conv2d(img, w, padding=1)), 3)
-    model, _, _ = load_model(args.checkpoint)
     u, t = mx.random.normal((8, 28, 28, 3)), mx.full((8,), 0.5)
     out["net_s"] = median_time(lambda: mx.eval(model(u, t)), 3)
     return out

@@ -33,7 +33,7 @@ from hold_mlx.classifier import load_classifier  # noqa: E402
 from hold_mlx.data import load_dataset, to_user_units  # noqa: E402
 from hold_mlx.likelihood import evaluate_likelihood  # noqa: E402
 from hold_mlx.quality import reference_images, sample_quality  # noqa: E402
-from hold_mlx.runtime import draw_samples, load_runtime  # noqa: E402
+from hold_mlx.model import load  # noqa: E402
 from hold_mlx.samplers import resolve_sampler  # noqa: E402
 
 CALLS_PER_STEP = {"ode": 2, "ams": 2, "poisson-midpoint": 2}  # heun is the fixed-step ode
@@ -79,7 +79,7 @@ def main():
         fid_net = load_fid_inception(args.fid_weights, device=args.device)
     results, reference = [], None
     for name, path, sampler in models:
-        rt = load_runtime(path, args.backend, device=args.device)
+        rt = load(path, args.backend, device=args.device)
         cfg = rt.config["data"]
         if reference is None:
             reference, ref_source = reference_images(cfg, args.n_ref, seed=args.seed)
@@ -87,7 +87,7 @@ def main():
         if args.bpd_images:
             test = load_dataset(cfg["name"], split="test")
             start = time.time()
-            res = evaluate_likelihood(rt.sde, rt.score_fn, rt.ops, test.to_user(test.data[:args.bpd_images]), cfg,
+            res = evaluate_likelihood(rt.sde, rt, rt.backend, test.to_user(test.data[:args.bpd_images]), cfg,
                                       seed=args.seed, batch_size=min(args.batch_size, 64))
             bpd = {"mean": res.mean, "stderr": res.stderr, "n": len(res.values), "nfe": res.nfe,
                    "wall_s": time.time() - start}
@@ -95,9 +95,9 @@ def main():
         for nfe in args.nfe:
             steps = steps_for(sampler, nfe)
             start = time.time()
-            drawn, used = draw_samples(rt, args.n_samples, batch_size=args.batch_size, seed=args.seed,
-                                       sampler=sampler, steps=steps)
-            metrics = sample_quality(to_user_units(drawn, cfg), reference, cfg, classifier=classifier,
+            drawn = rt.sample(args.n_samples, batch_size=args.batch_size, seed=args.seed, sampler=sampler, steps=steps)
+            used = drawn.nfe
+            metrics = sample_quality(drawn.user_units(), reference, cfg, classifier=classifier,
                                      fid_net=fid_net, seed=args.seed)
             row = {"model": name, "checkpoint": path, "sampler": sampler, "steps": steps, "nfe": used,
                    "n_samples": args.n_samples, "reference": ref_source, "metrics": metrics, "bpd": bpd,

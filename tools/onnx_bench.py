@@ -34,15 +34,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from hold_export.onnx_export import export_graph, export_onnx  # noqa: E402
-from hold_export.onnx_runtime import load_onnx_model, make_session  # noqa: E402
-from hold_export.torch_model import checkpoint_tensors, load_torch_model  # noqa: E402
+from hold_export.onnx_runtime import make_session  # noqa: E402
+from hold_export.torch_model import checkpoint_tensors  # noqa: E402
 from hold_export.torch_nets import build_net  # noqa: E402
 from hold_mlx.api import sample_full  # noqa: E402
-from hold_mlx.backends import NumpyOps  # noqa: E402
+from hold_mlx.backends import NumpyBackend  # noqa: E402
 from hold_mlx.checkpoint import make_config, write_tensors  # noqa: E402
 from hold_mlx.netconfig import net_preset  # noqa: E402
 from hold_mlx.noise import PortableNoise  # noqa: E402
-from hold_mlx.objective import score_scale  # noqa: E402
+from hold_mlx.model import load  # noqa: E402
+from hold_mlx.parameterisation import ScoreParameterisation  # noqa: E402
 from hold_mlx.samplers import Context, denoise, prior_sample, time_grid  # noqa: E402
 from hold_mlx.sde import get_sde  # noqa: E402
 
@@ -122,7 +123,8 @@ class FusedSampler:
     """Lie-Trotter sampling with the fused step graph; the same noise stream as the shared sampler."""
 
     def __init__(self, ckpt: Path, threads: int):
-        torch_model, self.sde, self.config = load_torch_model(ckpt)
+        torch_model = load(ckpt, "torch")
+        self.sde, self.config = torch_model.sde, torch_model.config
         image = self.config["net"]["kind"] == "unet"
         n = self.sde.order
         shape = tuple(self.config["data"]["shape"])
@@ -134,14 +136,14 @@ class FusedSampler:
             model = export_graph(LieTrotterStep(torch_model.net, n, image).eval(), example, names, ["u_next"],
                                  batched=["u", "z", "t", "ka", "w"])
         self.step_session = make_session(model.SerializeToString(), threads=threads)
-        self.mixed = bool(self.config["objective"]["mixed_score"])
+        self.parameterisation = ScoreParameterisation.from_config(self.sde, self.config)
 
     def inputs(self, u, z, t0: float, t1: float) -> dict:
         """The step graph's inputs; every coefficient in float64 from hold_mlx.sde, then float32."""
         sde, batch = self.sde, u.shape[0]
         E, C = sde.reverse_linear_step(t0, t1)
         k = float(sde.B(t0) - sde.B(t1)) * sde.sigma**2
-        a, b = score_scale(sde, np.array([t1]), mixed_score=self.mixed)
+        a, b = self.parameterisation.score_coefficients(np.array([t1]))
         w = k * sde.stationary_precision_last_row()
         w[-1] += k * b[0]
         f32 = np.float32
@@ -149,7 +151,7 @@ class FusedSampler:
                 "ka": np.full(batch, k * a[0], f32), "w": np.tile(w.astype(f32), (batch, 1))}
 
     def sample(self, score_fn, batch: int, steps: int, seed: int = 0) -> np.ndarray:
-        ops = NumpyOps()
+        ops = NumpyBackend()
         ctx = Context(self.sde, score_fn, ops, PortableNoise(seed, np.arange(batch)), batch)
         shape = (batch, *self.config["data"]["shape"])
         ts = time_grid(self.sde, steps)
@@ -166,7 +168,8 @@ class FusedSampler:
 def bench_calls(name, ckpt, folder, threads, batches, reps):
     """Rows (runtime, options, ms per call at each batch)."""
     torch.set_num_threads(threads)
-    torch_model, sde, config = load_torch_model(ckpt)
+    torch_model = load(ckpt, "torch")
+    sde, config = torch_model.sde, torch_model.config
     shape = tuple(config["data"]["shape"])
     state = shape[:-1] + (sde.order * shape[-1],)
     rng = np.random.default_rng(0)
@@ -191,7 +194,7 @@ def bench_calls(name, ckpt, folder, threads, batches, reps):
     export_onnx(ckpt, fp16, fp16=True)
     variants.append((f"fp16 graph, opt=all, {plural(threads)}", fp16, dict(optimization="all", threads=threads)))
     for label, path, options in variants:
-        model, _, _ = load_onnx_model(path, **options)
+        model = load(path, "onnx", **options)
         calls.append(("onnxruntime", label, lambda b, model=model: model(*inputs[b])))
 
     if config["net"]["kind"] == "unet":  # the layout choice: NCHW graph fed by NumPy transposes
@@ -206,7 +209,7 @@ def bench_calls(name, ckpt, folder, threads, batches, reps):
             alpha = session.run(None, {"u": np.ascontiguousarray(u.transpose(0, 3, 1, 2)), "t": t})[0]
             return np.ascontiguousarray(alpha.transpose(0, 2, 3, 1))
 
-        fp32_model, _, _ = load_onnx_model(fp32, threads=threads)
+        fp32_model = load(fp32, "onnx", threads=threads)
         calls.append(("onnxruntime", f"NCHW graph + NumPy transposes (alpha only), {plural(threads)}", nchw_call))
         calls.append(("onnxruntime", f"NHWC graph (shipped layout, alpha only), {plural(threads)}",
                       lambda b: fp32_model.alpha(*inputs[b])))
@@ -218,27 +221,25 @@ def bench_calls(name, ckpt, folder, threads, batches, reps):
 
 def bench_samples(ckpt, onnx_path, threads, batch, steps, reps):
     """Rows (path, seconds per full sample, ms per step) and the fused-vs-shared max difference."""
-    from hold_mlx.runtime import load_runtime
-
-    torch_rt = load_runtime(ckpt, "torch", threads=threads)
-    ort_rt = load_runtime(onnx_path, "onnx", threads=threads)
+    torch_rt = load(ckpt, "torch", threads=threads)
+    ort_rt = load(onnx_path, "onnx", threads=threads)
 
     def shared(rt):
-        return lambda: sample_full(rt.sde, rt.score_fn, (batch, *rt.data_shape), ops=rt.ops, steps=steps, seed=0)
+        return lambda: sample_full(rt.sde, rt, (batch, *rt.data_shape), ops=rt.backend, steps=steps, seed=0)
 
     fused = FusedSampler(ckpt, threads)
     paths = {"torch eager, shared sampler": shared(torch_rt), "onnxruntime, shared sampler": shared(ort_rt),
-             "onnxruntime, fused step graph": lambda: fused.sample(ort_rt.score_fn, batch, steps)}
+             "onnxruntime, fused step graph": lambda: fused.sample(ort_rt, batch, steps)}
     rows = list(timed(paths, reps, warmup=0).items())
-    reference = ort_rt.ops.to_numpy(shared(ort_rt)().x)
-    diff = float(np.abs(fused.sample(ort_rt.score_fn, batch, steps) - reference).max())
+    reference = ort_rt.backend.to_numpy(shared(ort_rt)().x)
+    diff = float(np.abs(fused.sample(ort_rt, batch, steps) - reference).max())
 
     # One step alone: plain graph + NumPy update (what the shared sampler does) vs the fused graph.
     rng = np.random.default_rng(1)
     u = rng.standard_normal((batch, *fused.state_shape)).astype(np.float32)
     z = rng.standard_normal(u.shape).astype(np.float32)
     t0, t1 = (float(t) for t in time_grid(fused.sde, steps)[:2])
-    ctx = Context(fused.sde, ort_rt.score_fn, ort_rt.ops, None, batch)
+    ctx = Context(fused.sde, ort_rt, ort_rt.backend, None, batch)
     E, C = fused.sde.reverse_linear_step(t0, t1)
 
     def plain_step():

@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hold_mlx._mlx import BLAS, mx, nn, optim  # noqa: E402
+from hold_mlx._mlx import BLAS, configure_cpu, mx, nn, optim  # noqa: E402
 from hold_mlx.classifier import (CLASSIFIER_FILE, FashionMNISTClassifier, classifier_logits,  # noqa: E402
                                  load_classifier, save_classifier)
 from hold_mlx.data import FASHION_MNIST_DIR, load_dataset  # noqa: E402
@@ -119,6 +119,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--floor-only", action="store_true", help="Load the trained classifier; re-measure the floor.")
     args = p.parse_args()
+    configure_cpu()  # MLX's buffer cache, CPU streams and BLAS threads
 
     x_train, y_train = load_split("train", args.data_dir)
     x_test, y_test = load_split("test", args.data_dir)
