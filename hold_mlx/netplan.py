@@ -110,6 +110,8 @@ def module_args(layer: Layer, plan: NetPlan) -> tuple:
 
 
 def _plan(cfg: NetConfig, emb_dim: int, embedding, body) -> NetPlan:
+    """Both nets' plans end here: an embedding term added to ``embedding`` (another network input
+    mapped to ``emb_dim`` features, such as a class label) conditions the U-Net and the MLP alike."""
     return NetPlan(cfg.kind, emb_dim, cfg.groups, cfg.dropout, cfg.fourier_scale, tuple(embedding), tuple(body))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -10,7 +9,7 @@ torch = pytest.importorskip("torch")
 from hold_export.flops import layer_flops  # noqa: E402
 from hold_export.torch_nets import build_net as build_torch  # noqa: E402
 from hold_mlx.netconfig import NetConfig, net_preset  # noqa: E402
-from hold_mlx.netplan import Layer, net_plan, place_layer  # noqa: E402
+from hold_mlx.netplan import EmbeddingTerm, Layer, NetPlan, embed, net_plan, place_layer, run_body  # noqa: E402
 from torch_fixtures import one_thread  # noqa: E402,F401
 
 # attention at 4x4, 1x1 skip convs, down/up sampling; 3 colour channels and a 12 -> 6 -> 3 pyramid
@@ -106,3 +105,21 @@ def test_plan_names_out_of_order_are_refused():
     assert root.layers == ["first"]
     with pytest.raises(ValueError, match="unknown layer kind"):
         Layer("lstm", "x", 1, 1)
+
+
+def test_wiring_runs_on_plain_numbers():
+    """embed sums its terms, each a chain over its own input; run_body pops skips last-in first-out,
+    adds residuals and the embedding where the plan says (run multiplies by a per-layer factor)."""
+    factor = {"a": 2, "b": 3, "c": 5, "in": 7, "res": 11, "cat": 13}
+    run = lambda layer, x, emb: x * factor[layer.name]  # noqa: E731
+    embedding = (EmbeddingTerm("t", (Layer("linear", "a", 1, 1),)),
+                 EmbeddingTerm("label", (Layer("linear", "b", 1, 1), Layer("linear", "c", 1, 1))))
+    body = (Layer("linear", "in", 1, 1, add_embedding=True, skip_out=True),
+            Layer("linear", "res", 1, 1, residual=True),
+            Layer("linear", "cat", 2, 1, skip_in=1))
+    plan = NetPlan("mlp", 1, 1, 0.0, 1.0, embedding, body)
+    emb = embed(plan, run, {"t": 1.0, "label": 10.0})
+    assert emb == 2 * 1.0 + 5 * 3 * 10.0
+    h0 = 7 * 2.0 + emb
+    h1 = h0 + 11 * h0
+    assert run_body(plan, run, lambda h, skip: h - skip, 2.0, emb) == 13 * (h1 - h0)
