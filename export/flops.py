@@ -1,4 +1,4 @@
-"""Model FLOPs per image, counted analytically from a NetConfig (no framework needed).
+"""Model FLOPs per image, counted analytically from the network plan (no framework needed).
 
 Convention (the usual one for model-FLOPs utilisation): 2 FLOPs per multiply-add of every
 convolution, linear layer and attention matmul; normalisations, activations, softmax and
@@ -13,15 +13,25 @@ from __future__ import annotations
 from collections import Counter
 
 from hold_mlx.netconfig import NetConfig
+from hold_mlx.netplan import Layer, NetPlan, net_plan
 
-__all__ = ["forward_flops", "counted_flops", "TRAIN_FACTOR"]
+__all__ = ["forward_flops", "layer_flops", "counted_flops", "LAYER_FLOPS", "TRAIN_FACTOR"]
 
 TRAIN_FACTOR = 3  # forward + backward (input and weight gradients) ~ 3 forward passes
 
 
 def forward_flops(cfg: NetConfig) -> Counter:
     """Forward FLOPs for ONE image (or point), by kind: "conv", "linear", "attention"."""
-    return _unet_flops(cfg) if cfg.kind == "unet" else _mlp_flops(cfg)
+    total = Counter()
+    for counts in layer_flops(cfg).values():
+        total.update(counts)
+    return total
+
+
+def layer_flops(cfg: NetConfig) -> dict[str, Counter]:
+    """Forward FLOPs for one image of each layer of the network plan, by the layer's name."""
+    plan = net_plan(cfg)
+    return {layer.name: LAYER_FLOPS[layer.kind](layer, plan) for layer in plan.layers}
 
 
 def counted_flops(cfg: NetConfig) -> tuple[float, float]:
@@ -50,55 +60,33 @@ def _conv(c_in, c_out, size, k=3):
     return 2 * k * k * c_in * c_out * size * size
 
 
-def _unet_flops(cfg: NetConfig) -> Counter:
-    ch, emb = cfg.channels, 4 * cfg.channels
-    f = Counter()
-    f["linear"] += 2 * ch * emb + 2 * emb * emb  # time_in, time_out
-
-    def res_block(c_in, c_out, size):
-        f["conv"] += _conv(c_in, c_out, size) + _conv(c_out, c_out, size)
-        f["linear"] += 2 * emb * c_out  # the time embedding's projection
-        if c_in != c_out:
-            f["conv"] += _conv(c_in, c_out, size, k=1)
-
-    def attention(c, size):
-        tokens = size * size
-        f["linear"] += tokens * (2 * c * 3 * c + 2 * c * c)  # qkv, proj
-        f["attention"] += 2 * (2 * tokens * tokens * c)  # q k^T and weights @ v
-
-    size = cfg.image_size
-    f["conv"] += _conv(cfg.order * cfg.data_channels, ch, size)  # conv_in
-    skips, c = [ch], ch
-    for level, mult in enumerate(cfg.channel_mult):
-        for _ in range(cfg.num_res_blocks):
-            res_block(c, ch * mult, size)
-            c = ch * mult
-            if size in cfg.attn_resolutions:
-                attention(c, size)
-            skips.append(c)
-        if level != len(cfg.channel_mult) - 1:
-            size //= 2  # NetConfig guarantees even sizes here
-            f["conv"] += _conv(c, c, size)  # the stride-2 conv, counted at its output size
-            skips.append(c)
-    res_block(c, c, size)
-    attention(c, size)
-    res_block(c, c, size)
-    for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-        for _ in range(cfg.num_res_blocks + 1):
-            res_block(c + skips.pop(), ch * mult, size)
-            c = ch * mult
-            if size in cfg.attn_resolutions:
-                attention(c, size)
-        if level != 0:
-            size *= 2
-            f["conv"] += _conv(c, c, size)
-    f["conv"] += _conv(c, cfg.data_channels, size)  # conv_out
-    return f
+def _linear(c_in, c_out, rows=1):
+    return 2 * c_in * c_out * rows
 
 
-def _mlp_flops(cfg: NetConfig) -> Counter:
-    w = cfg.hidden
-    f = Counter()
-    f["linear"] += 2 * w * w  # time_in
-    f["linear"] += 2 * cfg.order * cfg.data_channels * w + cfg.depth * 2 * w * w + 2 * w * cfg.data_channels
-    return f
+def _resblock(layer: Layer, plan: NetPlan) -> Counter:
+    c_in, c_out, size = layer.c_in, layer.c_out, layer.size
+    conv = _conv(c_in, c_out, size) + _conv(c_out, c_out, size)
+    if c_in != c_out:
+        conv += _conv(c_in, c_out, size, k=1)  # the 1x1 skip
+    return Counter(conv=conv, linear=_linear(plan.emb_dim, c_out))  # + the time embedding's projection
+
+
+def _attention(layer: Layer, plan: NetPlan) -> Counter:
+    c, tokens = layer.c_in, layer.size * layer.size
+    return Counter(linear=_linear(c, 3 * c, tokens) + _linear(c, c, tokens),  # qkv, proj
+                   attention=2 * (2 * tokens * tokens * c))  # q k^T and weights @ v
+
+
+#: Forward FLOPs of one layer of each ``hold_mlx.netplan`` kind, for one image (or point).
+LAYER_FLOPS = {
+    "fourier": lambda layer, plan: Counter(),
+    "linear": lambda layer, plan: Counter(linear=_linear(layer.c_in, layer.c_out, max(layer.size, 1) ** 2)),
+    "conv": lambda layer, plan: Counter(conv=_conv(layer.c_in, layer.c_out, layer.size)),
+    "norm_silu": lambda layer, plan: Counter(),
+    "resblock": _resblock,
+    "attention": _attention,
+    # the resampling convs are 3x3, counted at their output size (stride 2 / after the 2x upsampling)
+    "downsample": lambda layer, plan: Counter(conv=_conv(layer.c_in, layer.c_out, layer.size_out)),
+    "upsample": lambda layer, plan: Counter(conv=_conv(layer.c_in, layer.c_out, layer.size_out)),
+}

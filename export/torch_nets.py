@@ -1,8 +1,9 @@
-"""The score networks in PyTorch (NCHW), mirroring ``hold_mlx.nets`` layer for layer.
+"""The score networks in PyTorch (NCHW), built from the same plan as ``hold_mlx.nets``.
 
-Module and parameter names equal the MLX ones, so a checkpoint key means the same tensor in both
+``hold_mlx.netplan`` names every module, so a checkpoint key means the same tensor in both
 frameworks; only the layout of conv weights differs, and ``layout.py`` converts it explicitly.
-Change a name here only together with ``hold_mlx/nets.py``: the parity tests hold them together.
+Each layer kind's torch module here must compute what the MLX one does: the parity tests hold
+them together.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hold_mlx.netconfig import NetConfig
+from hold_mlx.netplan import Layer, embed, find_layer, module_args, net_plan, place_layer, run_body
 
-__all__ = ["UNet", "MLP", "build_net"]
+__all__ = ["PlannedNet", "UNet", "MLP", "build_net"]
 
 
 class FourierTime(nn.Module):
@@ -106,100 +108,49 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-class UNet(nn.Module):
-    """Input (B, n*C, H, W) and times (B,); output alpha (B, C, H, W). See hold_mlx.nets.UNet."""
+#: The torch module of each ``hold_mlx.netplan`` layer kind, built with ``netplan.module_args``.
+MODULES = {"fourier": FourierTime, "linear": nn.Linear, "conv": nn.Conv2d, "norm_silu": _norm, "resblock": ResBlock,
+           "attention": Attention, "downsample": Downsample, "upsample": Upsample}
+
+
+def _concat_channels(h, skip):
+    return torch.cat([h, skip], dim=1)
+
+
+class PlannedNet(nn.Module):
+    """A score network built from and run by its ``hold_mlx.netplan`` plan (channels first):
+    the same modules under the same names as ``hold_mlx.nets.PlannedNet``."""
 
     def __init__(self, cfg: NetConfig):
         super().__init__()
         self.cfg = cfg
-        ch, groups = cfg.channels, cfg.groups
-        emb_dim = 4 * ch
-        self.time_features = FourierTime(ch, cfg.fourier_scale)
-        self.time_in = nn.Linear(ch, emb_dim)
-        self.time_out = nn.Linear(emb_dim, emb_dim)
-        self.conv_in = nn.Conv2d(cfg.order * cfg.data_channels, ch, 3, padding=1)
+        self.plan = net_plan(cfg)
+        for layer in self.plan.layers:
+            module = MODULES[layer.kind](*module_args(layer, self.plan))
+            place_layer(self, layer, _zero_init(module) if layer.zero_init else module, nn.ModuleList)
 
-        res = cfg.image_size
-        skips = [ch]
-        c_cur = ch
-        self.down = nn.ModuleList()
-        for level, mult in enumerate(cfg.channel_mult):
-            layers = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(c_cur, ch * mult, emb_dim, cfg.dropout, groups))
-                c_cur = ch * mult
-                if res in cfg.attn_resolutions:
-                    layers.append(Attention(c_cur, groups))
-                skips.append(c_cur)
-            if level != len(cfg.channel_mult) - 1:
-                layers.append(Downsample(c_cur))
-                skips.append(c_cur)
-                res //= 2
-            self.down.append(layers)
-
-        self.mid = nn.ModuleList([ResBlock(c_cur, c_cur, emb_dim, cfg.dropout, groups), Attention(c_cur, groups),
-                                  ResBlock(c_cur, c_cur, emb_dim, cfg.dropout, groups)])
-
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            layers = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                layers.append(ResBlock(c_cur + skips.pop(), ch * mult, emb_dim, cfg.dropout, groups))
-                c_cur = ch * mult
-                if res in cfg.attn_resolutions:
-                    layers.append(Attention(c_cur, groups))
-            if level != 0:
-                layers.append(Upsample(c_cur))
-                res *= 2
-            self.up.append(layers)
-
-        self.norm_out = _norm(c_cur, groups)
-        self.conv_out = _zero_init(nn.Conv2d(c_cur, cfg.data_channels, 3, padding=1))
+    def run_layer(self, layer: Layer, x, emb):
+        """One plan layer's forward pass."""
+        module = find_layer(self, layer)
+        if layer.kind == "resblock":
+            return module(x, emb)
+        if layer.kind == "norm_silu":
+            return F.silu(module(x))
+        return module(F.silu(x) if layer.act_in else x)
 
     def embed_time(self, t):
-        return self.time_out(F.silu(self.time_in(self.time_features(t))))
+        return embed(self.plan, self.run_layer, {"t": t})
 
     def forward(self, u, t):
-        emb = fp32_time_embedding(self.embed_time, t)
-        h = self.conv_in(u)
-        hs = [h]
-        for layers in self.down:
-            for layer in layers:
-                h = layer(h, emb)
-                if not isinstance(layer, Attention):
-                    hs.append(h)
-        for layer in self.mid:
-            h = layer(h, emb)
-        for layers in self.up:
-            for layer in layers:
-                if isinstance(layer, ResBlock):
-                    h = torch.cat([h, hs.pop()], dim=1)
-                h = layer(h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return run_body(self.plan, self.run_layer, _concat_channels, u, fp32_time_embedding(self.embed_time, t))
 
 
-class MLP(nn.Module):
-    """Input (B, n*d) and times (B,); output alpha (B, d). See hold_mlx.nets.MLP."""
+class UNet(PlannedNet):
+    """Input (B, n*C, H, W) and times (B,); output alpha (B, C, H, W). Layout: ``hold_mlx.netplan.unet_plan``."""
 
-    def __init__(self, cfg: NetConfig):
-        super().__init__()
-        self.cfg = cfg
-        width = cfg.hidden
-        self.time_features = FourierTime(width, cfg.fourier_scale)
-        self.time_in = nn.Linear(width, width)
-        self.inp = nn.Linear(cfg.order * cfg.data_channels, width)
-        self.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(cfg.depth)])
-        self.out = _zero_init(nn.Linear(width, cfg.data_channels))
 
-    def embed_time(self, t):
-        return self.time_in(self.time_features(t))
-
-    def forward(self, u, t):
-        emb = fp32_time_embedding(self.embed_time, t)
-        h = self.inp(u) + emb
-        for layer in self.layers:
-            h = h + layer(F.silu(h))
-        return self.out(F.silu(h))
+class MLP(PlannedNet):
+    """Input (B, n*d) and times (B,); output alpha (B, d). Layout: ``hold_mlx.netplan.mlp_plan``."""
 
 
 def build_net(cfg: NetConfig) -> nn.Module:

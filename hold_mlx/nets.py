@@ -1,9 +1,10 @@
 """MLX score networks: a DDPM++-style U-Net for images (NHWC) and an MLP for points in R^d.
 
 Both map (u, t) -> alpha, shaped like one data block; u holds the n blocks of the extended state
-side by side on the last axis. The parameter names here ARE the checkpoint keys, and the torch
-mirror in export/ uses the same names (only conv weights change layout: MLX O,kH,kW,I vs torch
-O,I,kH,kW). Change a name here and you change the checkpoint format.
+side by side on the last axis. The architecture (which layers, their checkpoint names, how they
+are wired) is ``hold_mlx.netplan``; this file builds and runs one layer of each kind in MLX, as the
+torch mirror in export/ does in torch (only conv weights change layout: MLX O,kH,kW,I vs torch
+O,I,kH,kW).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import math
 from . import fastops
 from ._mlx import mx, nn
 from .netconfig import NET_PRESETS, NetConfig, net_preset
+from .netplan import Layer, embed, find_layer, module_args, net_plan, place_layer, run_body
 
-__all__ = ["NetConfig", "NET_PRESETS", "net_preset", "build_net", "UNet", "MLP", "count_params"]
+__all__ = ["NetConfig", "NET_PRESETS", "net_preset", "build_net", "PlannedNet", "UNet", "MLP", "count_params"]
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -132,103 +134,47 @@ class Upsample(nn.Module):
 
 # ----------------------------------------------------------------------------- networks
 
+#: The MLX module of each ``hold_mlx.netplan`` layer kind, built with ``netplan.module_args``.
+MODULES = {"fourier": FourierTime, "linear": nn.Linear, "conv": Conv2d, "norm_silu": _norm, "resblock": ResBlock,
+           "attention": Attention, "downsample": Downsample, "upsample": Upsample}
 
-class UNet(nn.Module):
+
+def _concat_channels(h, skip):
+    return mx.concatenate([h, skip], axis=-1)
+
+
+class PlannedNet(nn.Module):
+    """A score network built from and run by its ``hold_mlx.netplan`` plan; (u, t) -> alpha."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.plan = net_plan(cfg)
+        for layer in self.plan.layers:
+            module = MODULES[layer.kind](*module_args(layer, self.plan))
+            place_layer(self, layer, _zero_init(module) if layer.zero_init else module)
+
+    def run_layer(self, layer: Layer, x, emb):
+        """One plan layer's forward pass."""
+        module = find_layer(self, layer)
+        if layer.kind == "resblock":
+            return module(x, emb)
+        if layer.kind == "norm_silu":
+            return module(x, act=True)  # GroupNorm and SiLU in one pass
+        return module(silu(x) if layer.act_in else x)
+
+    def __call__(self, u, t):
+        return run_body(self.plan, self.run_layer, _concat_channels, u, embed(self.plan, self.run_layer, {"t": t}))
+
+
+class UNet(PlannedNet):
     """DDPM++-style U-Net, NHWC. Input (B, H, W, n*C), times (B,); output alpha (B, H, W, C).
-
-    Layout (the torch mirror follows it exactly):
-      time: FourierTime -> Linear(ch, 4ch) -> SiLU -> Linear(4ch, 4ch)
-      conv_in; down[level] = [ResBlock (+Attention)] x num_res_blocks (+ Downsample)
-      mid = ResBlock, Attention, ResBlock
-      up[level] = [ResBlock on concat skip (+Attention)] x (num_res_blocks + 1) (+ Upsample)
-      norm_out -> SiLU -> conv_out (zero-initialised)
-    """
-
-    def __init__(self, cfg: NetConfig):
-        super().__init__()
-        self.cfg = cfg
-        ch, groups = cfg.channels, cfg.groups
-        emb_dim = 4 * ch
-        self.time_features = FourierTime(ch, cfg.fourier_scale)
-        self.time_in = nn.Linear(ch, emb_dim)
-        self.time_out = nn.Linear(emb_dim, emb_dim)
-        self.conv_in = Conv2d(cfg.order * cfg.data_channels, ch, 3, padding=1)
-
-        res = cfg.image_size
-        skips = [ch]
-        c_cur = ch
-        self.down = []
-        for level, mult in enumerate(cfg.channel_mult):
-            layers = []
-            for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(c_cur, ch * mult, emb_dim, cfg.dropout, groups))
-                c_cur = ch * mult
-                if res in cfg.attn_resolutions:
-                    layers.append(Attention(c_cur, groups))
-                skips.append(c_cur)
-            if level != len(cfg.channel_mult) - 1:
-                layers.append(Downsample(c_cur))
-                skips.append(c_cur)
-                res //= 2
-            self.down.append(layers)
-
-        self.mid = [ResBlock(c_cur, c_cur, emb_dim, cfg.dropout, groups), Attention(c_cur, groups),
-                    ResBlock(c_cur, c_cur, emb_dim, cfg.dropout, groups)]
-
-        self.up = []
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            layers = []
-            for _ in range(cfg.num_res_blocks + 1):
-                layers.append(ResBlock(c_cur + skips.pop(), ch * mult, emb_dim, cfg.dropout, groups))
-                c_cur = ch * mult
-                if res in cfg.attn_resolutions:
-                    layers.append(Attention(c_cur, groups))
-            if level != 0:
-                layers.append(Upsample(c_cur))
-                res *= 2
-            self.up.append(layers)
-
-        self.norm_out = _norm(c_cur, groups)
-        self.conv_out = _zero_init(Conv2d(c_cur, cfg.data_channels, 3, padding=1))
-
-    def __call__(self, u, t):
-        emb = self.time_out(silu(self.time_in(self.time_features(t))))
-        h = self.conv_in(u)
-        hs = [h]
-        for layers in self.down:
-            for layer in layers:
-                h = layer(h, emb)
-                if not isinstance(layer, Attention):
-                    hs.append(h)
-        for layer in self.mid:
-            h = layer(h, emb)
-        for layers in self.up:
-            for layer in layers:
-                if isinstance(layer, ResBlock):
-                    h = mx.concatenate([h, hs.pop()], axis=-1)
-                h = layer(h, emb)
-        return self.conv_out(self.norm_out(h, act=True))
+    Layout: ``hold_mlx.netplan.unet_plan``."""
 
 
-class MLP(nn.Module):
-    """Score network for points: input (B, n*d) and the time features, output alpha (B, d)."""
-
-    def __init__(self, cfg: NetConfig):
-        super().__init__()
-        self.cfg = cfg
-        width = cfg.hidden
-        self.time_features = FourierTime(width, cfg.fourier_scale)
-        self.time_in = nn.Linear(width, width)
-        self.inp = nn.Linear(cfg.order * cfg.data_channels, width)
-        self.layers = [nn.Linear(width, width) for _ in range(cfg.depth)]
-        self.out = _zero_init(nn.Linear(width, cfg.data_channels))
-
-    def __call__(self, u, t):
-        emb = self.time_in(self.time_features(t))
-        h = self.inp(u) + emb
-        for layer in self.layers:
-            h = h + layer(silu(h))
-        return self.out(silu(h))
+class MLP(PlannedNet):
+    """Score network for points: input (B, n*d) and times (B,), output alpha (B, d).
+    Layout: ``hold_mlx.netplan.mlp_plan``."""
 
 
 def build_net(cfg: NetConfig):
