@@ -94,14 +94,17 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, high: int = 1 << 20) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
+        raise ValueError(f"{name}={value[:40]!r} is not an integer; unset it or give a number") from None
+    if not 0 <= number <= high:
+        raise ValueError(f"{name}={number} is out of range: give 0 to {high} (or unset it)")
+    return number
 
 
 #: Threads per BLAS call as set by hold_mlx (None: left at the library's default).
@@ -162,7 +165,7 @@ def _tune_cpu() -> None:
     if not _on_cpu():
         return
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-    cache_mb = _env_int("HOLD_MLX_CACHE_MB", min(4096, total_mb // 4))
+    cache_mb = _env_int("HOLD_MLX_CACHE_MB", min(4096, total_mb // 4), high=total_mb)
     if cache_mb > 0:
         mx.set_cache_limit(cache_mb * 2**20)
     streams = _env_int("HOLD_MLX_THREADS", cpu_count())

@@ -23,11 +23,34 @@ def sample_full(sde: LinearSDE, score_fn: Callable, shape, *, sampler: str = "li
     ``first_index`` numbers the samples of this batch within a larger draw: with portable noise
     sample i of seed s is the same whichever batch it is drawn in.
     """
+    _check_call(score_fn, shape, backend if ops is None else None)
     ops = ops or get_ops(backend)
     ids = np.arange(first_index, first_index + int(shape[0]))
     return run_sampler(sde, score_fn, tuple(shape), ops=ops, noise=make_noise(noise, seed, ids, ops),
                        sampler=sampler, steps=steps, grid=grid, denoise_final=denoise,
                        callback=callback, **options)
+
+
+#: The backend each of hold-mlx's score models runs on (class name -> backends that fit).
+_MODEL_BACKENDS = {"ScoreModel": ("mlx",), "TorchScoreModel": ("torch",), "OnnxScoreModel": ("numpy", "onnx")}
+
+
+def _check_call(score_fn, shape, backend) -> None:
+    """Wrong shapes or backends are named here, not by an error deep inside MLX or torch."""
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise ValueError(f"shape must be a tuple (N, *data_shape), got {shape!r}") from None
+    if len(shape) < 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1
+                                 for s in shape):
+        raise ValueError(f"shape must be (N, *data_shape) with integers >= 1, got {shape!r}")
+    expected = getattr(score_fn, "data_shape", None)
+    if expected is not None and tuple(shape[1:]) != tuple(expected):
+        raise ValueError(f"shape {tuple(shape)}: this model makes samples of shape {tuple(expected)}; "
+                         f"pass (N, {', '.join(map(str, expected))})")
+    fits = _MODEL_BACKENDS.get(type(score_fn).__name__)
+    if backend is not None and fits is not None and backend not in fits:
+        raise ValueError(f"backend {backend!r}: this {type(score_fn).__name__} runs on backend={fits[0]!r}")
 
 
 def sample(sde: LinearSDE, score_fn: Callable, shape, *, sampler: str = "lie-trotter",
