@@ -140,7 +140,11 @@ class _RunLock:
             del _HELD_LOCKS[self.key]
             os.close(entry[0])  # closing the file releases the flock
 
-    __del__ = release
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the kernel drops the lock anyway
+            pass
 
 
 def lock_run_folder(folder) -> _RunLock:

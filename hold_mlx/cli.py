@@ -96,7 +96,7 @@ def _check_sample_memory(runtime, num: int, batch_size: int) -> None:
     need = estimate_train_bytes(net_cfg, runtime.data_shape, min(batch_size, num), training=False) \
         + 4.0 * 8 * order * size * min(batch_size, num)  # sampler state and its temporaries
     if need > have / 2:
-        raise click.BadParameter(f"a batch of {batch_size} needs about {need / 2**30:.0f} GiB and this machine "
+        raise click.BadParameter(f"a batch of {batch_size} needs at least {need / 2**30:.0f} GiB and this machine "
                                  f"has {have / 2**30:.0f} GiB; use a smaller --batch-size", param_hint="--batch-size")
 
 
@@ -189,8 +189,9 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
               help="CPU threads for torch / onnxruntime.")
 @click.option("--noise", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="portable: the same samples on every backend and batch size; native: the backend's RNG.")
-@click.option("--substeps", type=click.IntRange(min=1), default=None, help="poisson-midpoint: fine steps per step (K).")
-@click.option("--snr", type=float, default=None, help="ams: corrector signal-to-noise ratio.")
+@click.option("--substeps", type=click.IntRange(min=1, max=1000), default=None,
+              help="poisson-midpoint: fine steps per step (K, at most 1000).")
+@click.option("--snr", type=float, default=None, callback=_positive_finite, help="ams: corrector signal-to-noise ratio.")
 @click.option("--norms", type=click.Choice(["sample", "batch"]), default=None,
               help="ams: step-size norms per sample (default; batch-independent) or averaged over the batch "
                    "(score_sde; use it for low-dimensional data).")
@@ -306,7 +307,7 @@ def _preview(trainer, step: int) -> str:
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Write a preview grid every N steps (0: only at the end).")
-@click.option("--sample-steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--sample-steps", type=click.IntRange(min=1, max=MAX_SAMPLE_STEPS), default=50, show_default=True)
 @click.option("--compile/--no-compile", default=True, show_default=True,
               help="mx.compile the MLX step; torch.compile on CUDA.")
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default="mlx", show_default=True)
@@ -511,6 +512,7 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
     if out is not None:
         _check_out(out, (".json",))
     runtime = load_runtime(checkpoint, backend, device=device, threads=threads)
+    _check_sample_memory(runtime, n_samples if quality and samples_file is None else 1, batch_size)
     data_cfg = runtime.config["data"]
     dataset = _eval_dataset(data_cfg, dataset, data_dir)
     from .checkpoint import default_checkpoint
@@ -560,10 +562,18 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
 
         start = time.time()
         if samples_file is not None:
-            with np.load(samples_file) as f:
-                if "samples" not in f:
-                    raise ValueError(f"{samples_file}: no 'samples' array (write it with hold-mlx sample --out x.npz)")
-                samples = np.asarray(f["samples"], np.float32)
+            try:
+                with np.load(samples_file, allow_pickle=False) as f:
+                    if "samples" not in f:
+                        raise ValueError(f"{samples_file}: no 'samples' array (write it with hold-mlx sample --out x.npz)")
+                    samples = np.asarray(f["samples"], np.float32)
+            except (ValueError, OSError, EOFError, AttributeError, TypeError) as err:
+                if str(samples_file) in str(err):
+                    raise
+                raise ValueError(f"{samples_file}: not a readable .npz of samples ({str(err)[:120]}); write it "
+                                 "with hold-mlx sample --out x.npz") from err
+            if not np.isfinite(samples).all():
+                raise ValueError(f"{samples_file}: the samples contain NaN or Inf; draw them again")
             if samples.shape[1:] != tuple(data_cfg["shape"]):
                 raise ValueError(f"{samples_file}: samples of shape {samples.shape[1:]}, the model makes "
                                  f"{tuple(data_cfg['shape'])}")

@@ -134,9 +134,9 @@ def auto_net(data: Dataset) -> str:
 
 
 def estimate_train_bytes(net_cfg: NetConfig, data_shape, batch_size: int, *, training: bool = True) -> float:
-    """A rough upper estimate of the memory a network needs: parameters (with EMA, gradients and
-    Adam moments when training) plus activations of one batch. Only meant to refuse sizes that
-    cannot fit (a factor of 2 either way does not matter)."""
+    """A rough lower estimate of the memory a network needs: parameters (with EMA, gradients and
+    Adam moments when training) plus the main activations of one batch. Only meant to refuse
+    sizes that surely cannot fit, before anything is allocated."""
     c = net_cfg
     if c.kind == "mlp":
         width_in = c.order * c.data_channels
@@ -148,12 +148,12 @@ def estimate_train_bytes(net_cfg: NetConfig, data_shape, batch_size: int, *, tra
             ch = float(c.channels * mult)
             blocks = 3 * c.num_res_blocks + 1  # down blocks, up blocks (one more), sampling conv
             params += blocks * 2 * 9 * ch * ch
-            activations += batch_size * res * res * ch * blocks * 8
+            activations += batch_size * res * res * ch * blocks * 4
             if int(res) in c.attn_resolutions:
                 activations += batch_size * (res * res) ** 2 * 2
             res = max(1.0, res / 2)
     per_param = 5 if training else 1  # raw, EMA, gradient and two Adam moments
-    return 4.0 * (params * per_param + activations * (3 if training else 1))
+    return 4.0 * (params * per_param + activations)
 
 
 def physical_memory_bytes() -> int:
@@ -329,7 +329,7 @@ class TrainerBase:
         need = estimate_train_bytes(self.net_cfg, self.data.shape, self.cfg.batch_size // self.world)
         have = physical_memory_bytes()
         if need > have:
-            raise ValueError(f"--net-param/--batch-size: training this network needs about {need / 2**30:.0f} GiB "
+            raise ValueError(f"--net-param/--batch-size: training this network needs at least {need / 2**30:.0f} GiB "
                              f"(batch {self.cfg.batch_size}) and this machine has {have / 2**30:.0f} GiB; use a "
                              "smaller network (channels, hidden, depth) or --batch-size")
 

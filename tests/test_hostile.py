@@ -348,6 +348,11 @@ BAD_TRAIN = [
     (["--seed", str(2**70)], "--seed"),
     (["--net", "tiny"], "does not fit points"),
     (["--net", "nonsense"], "unknown network preset"),
+    (["--sample-steps", "100000000000"], "--sample-steps"),
+    (["--image-size", "-3"], "--image-size"),
+    (["--backend", "torch", "--grad-clip", "nan"], "--grad-clip"),
+    (["--backend", "torch", "--net-param", "hidden=abc"], "hidden must be an integer"),
+    (["--backend", "torch", "--sde-param", "T=abc"], "T must be a finite number"),
 ]
 
 
@@ -477,6 +482,10 @@ BAD_SAMPLE = [
     (["--batch-size", "1000000000", "--n", "1000000000"], "GiB"),
     (["--out", "x.txt"], "--out"),
     (["--seed", "-1"], "--seed"),
+    (["--sampler", "poisson-midpoint", "--substeps", "1000000000"], "--substeps"),
+    (["--sampler", "ams", "--snr", "nan"], "--snr"),
+    (["--backend", "torch", "--device", "nope"], "--device"),
+    (["--backend", "onnx"], "not an ONNX model"),
 ]
 
 
@@ -489,9 +498,23 @@ def test_bad_sample_values(tmp_path, tiny_points_run, extra, fragment):
 
 @pytest.mark.parametrize("extra,fragment", [
     (["--rtol", "nan"], "--rtol"), (["--rtol", "-1"], "--rtol"), (["--atol", "-1"], "--atol"),
-    (["--atol", "inf"], "--atol"), (["--threads", "100000"], "--threads")])
+    (["--atol", "inf"], "--atol"), (["--threads", "100000"], "--threads"),
+    (["--quality", "--n-samples", "100000000000"], "--n"), (["--steps", "100000000000"], "--steps")])
 def test_bad_eval_values(tiny_points_run, extra, fragment):
     assert_clean_error(cli("eval", "--bpd", "--checkpoint", tiny_points_run, *extra), fragment)
+
+
+def test_bad_samples_file_for_eval(tmp_path, tiny_points_run):
+    junk = tmp_path / "junk.npz"
+    junk.write_text("junk")
+    base = ["eval", "--quality", "--checkpoint", tiny_points_run]
+    assert_clean_error(cli(*base, "--samples", junk), str(junk), "not a readable .npz")
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, samples=np.full((10, 2), np.nan, np.float32))
+    assert_clean_error(cli(*base, "--samples", nan), str(nan), "NaN")
+    other = tmp_path / "other.npz"
+    np.savez(other, x=1)
+    assert_clean_error(cli(*base, "--samples", other), "no 'samples' array")
 
 
 # ----------------------------------------------------------------------------- 8. paths from a checkpoint
@@ -589,7 +612,9 @@ def _start_training(run: Path, steps=100_000) -> subprocess.Popen:
                              "--warmup", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     first = proc.stdout.readline()
-    assert "new run" in first or "resuming" in first, first  # the loop is about to start
+    if not ("new run" in first or "resuming" in first):  # the loop is about to start
+        proc.kill()
+        raise AssertionError(first + proc.communicate()[1])
     return proc
 
 
