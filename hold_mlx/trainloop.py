@@ -144,7 +144,7 @@ def estimate_train_bytes(net_cfg: NetConfig, data_shape, batch_size: int, *, tra
         activations = batch_size * c.hidden * (c.depth + 4)
     else:
         params, activations, res = 0.0, 0.0, float(c.image_size)
-        for level, mult in enumerate(c.channel_mult):
+        for mult in c.channel_mult:
             ch = float(c.channels * mult)
             blocks = 3 * c.num_res_blocks + 1  # down blocks, up blocks (one more), sampling conv
             params += blocks * 2 * 9 * ch * ch
