@@ -94,6 +94,11 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _max_threads() -> int:
+    """More threads than 4x the cores (at least 64) only add overhead; many more exhaust memory."""
+    return max(64, 4 * cpu_count())
+
+
 def _env_int(name: str, default: int, high: int = 1 << 20) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
@@ -135,7 +140,7 @@ def cpu_streams() -> list:
     """
     if not _on_cpu():
         return []
-    n = _env_int("HOLD_MLX_THREADS", cpu_count())
+    n = _env_int("HOLD_MLX_THREADS", cpu_count(), high=_max_threads())
     if n <= 1:
         return []
     mx.default_stream(mx.cpu)  # make sure the default stream exists first (it takes index 0)
@@ -168,8 +173,8 @@ def _tune_cpu() -> None:
     cache_mb = _env_int("HOLD_MLX_CACHE_MB", min(4096, total_mb // 4), high=total_mb)
     if cache_mb > 0:
         mx.set_cache_limit(cache_mb * 2**20)
-    streams = _env_int("HOLD_MLX_THREADS", cpu_count())
-    set_blas_threads(_env_int("HOLD_MLX_BLAS_THREADS", 1 if streams > 1 else cpu_count()))
+    streams = _env_int("HOLD_MLX_THREADS", cpu_count(), high=_max_threads())
+    set_blas_threads(_env_int("HOLD_MLX_BLAS_THREADS", 1 if streams > 1 else cpu_count(), high=_max_threads()))
 
 
 _tune_cpu()

@@ -583,7 +583,7 @@ def test_nan_scores_are_refused_not_written(tmp_path, tiny_points_run, monkeypat
 
 
 @pytest.mark.parametrize("env", [{"HOLD_MLX_CACHE_MB": "abc"}, {"HOLD_MLX_CACHE_MB": "9" * 30},
-                                 {"HOLD_MLX_THREADS": "-3"}])
+                                 {"HOLD_MLX_THREADS": "-3"}, {"HOLD_MLX_THREADS": "100000"}])
 def test_garbage_environment(env):
     version = subprocess.run([*HOLD, "--version"], capture_output=True, text=True, env={**os.environ, **env},
                              cwd=REPO, timeout=60)
