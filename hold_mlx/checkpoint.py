@@ -170,7 +170,11 @@ def lock_run_folder(folder) -> _RunLock:
         raise _write_error(path, err) from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            os.close(fd)
+            raise CheckpointError(f"cannot lock {path}: {err.strerror or err}; put the run folder on a file "
+                                  "system that supports locks (a local disk)") from err
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
         os.close(fd)
         raise RunLocked(f"{folder} is in use by another training run ({holder}); wait for it to finish "

@@ -194,6 +194,21 @@ def test_full_disk_keeps_the_old_samples_and_log(tiny_disk, tiny_points_run):
     assert not [p for p in tiny_disk.iterdir() if p.name.startswith(".samples")]  # no temporary left
 
 
+def test_training_on_a_full_disk_keeps_the_last_checkpoint(tiny_disk):
+    from hold_mlx.checkpoint import read_tensors
+
+    run = tiny_disk / "run"
+    base = ["train", "--dataset", "8gaussians", "--net", "mlp-tiny", "--out", run, "--batch-size", "8",
+            "--no-compile", "--save-every", "1", "--sample-steps", "2"]
+    assert cli(*base, "--steps", "1").exit_code == 0, "a tiny run fits in 1 MiB"
+    log = (run / "log.jsonl").read_bytes()
+    _fill(tiny_disk)
+    assert_clean_error(cli(*base, "--steps", "3"), str(run), "disk is full")
+    assert read_tensors(run / "train_state.safetensors")[1]["step"] == 1  # checksum and config intact
+    assert read_tensors(run / "model.safetensors")[1]["step"] == 1
+    assert (run / "log.jsonl").read_bytes() == log
+
+
 def test_failed_log_append_leaves_the_old_content(tmp_path, monkeypatch):
     """Without a tmpfs: a write that fails half-way (ENOSPC) is cut off again."""
     import errno
@@ -276,6 +291,8 @@ def test_corrupt_and_non_finite_checkpoints(tmp_path, tiny_points_run, backend):
     out = tmp_path / "x.png"
     assert_clean_error(cli("sample", "--checkpoint", nan_file, "--backend", backend, "--out", out), "NaN or Inf")
     assert not out.exists()
+    if backend == "torch":  # export reads the checkpoint through the torch loader
+        assert_clean_error(cli("export", "--checkpoint", nan_file, "--out", tmp_path / "m.onnx"), "NaN or Inf")
 
     flipped = tmp_path / "flip.safetensors"
     data = bytearray((tiny_points_run / "model.safetensors").read_bytes())
