@@ -98,14 +98,22 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _env_int(name: str, default: int) -> int:
+def _max_threads() -> int:
+    """More threads than 4x the cores (at least 64) only add overhead; many more exhaust memory."""
+    return max(64, 4 * cpu_count())
+
+
+def _env_int(name: str, default: int, high: int = 1 << 20) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
+        raise ValueError(f"{name}={value[:40]!r} is not an integer; unset it or give a number") from None
+    if not 0 <= number <= high:
+        raise ValueError(f"{name}={number} is out of range: give 0 to {high} (or unset it)")
+    return number
 
 
 #: Threads per BLAS call as set by hold_mlx (None: left at the library's default).
@@ -193,10 +201,10 @@ def configure_cpu(threads: int | None = None) -> None:
     global _CONFIGURED
     if not _on_cpu():
         return
-    streams = int(threads) if threads else _env_int("HOLD_MLX_THREADS", cpu_count())
+    streams = int(threads) if threads else _env_int("HOLD_MLX_THREADS", cpu_count(), high=_max_threads())
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-    cache_mb = _env_int("HOLD_MLX_CACHE_MB", min(4096, total_mb // 4))
-    blas_threads = _env_int("HOLD_MLX_BLAS_THREADS", 1 if streams > 1 else cpu_count())
+    cache_mb = _env_int("HOLD_MLX_CACHE_MB", min(4096, total_mb // 4), high=total_mb)
+    blas_threads = _env_int("HOLD_MLX_BLAS_THREADS", 1 if streams > 1 else cpu_count(), high=_max_threads())
     settings = (streams, cache_mb, blas_threads)
     if settings == _CONFIGURED:
         return

@@ -23,6 +23,7 @@ def sample_full(sde: LinearSDE, score_fn: Callable, shape, *, sampler: str = "li
     ``first_index`` numbers the samples of this batch within a larger draw: with portable noise
     sample i of seed s is the same whichever batch it is drawn in.
     """
+    _check_shape(score_fn, shape)
     ops = ops or get_backend(backend)
     ids = np.arange(first_index, first_index + int(shape[0]))
     return run_sampler(sde, _matching(score_fn, ops), tuple(shape), ops=ops, noise=make_noise(noise, seed, ids, ops),
@@ -56,6 +57,21 @@ def _matching(score_fn: Callable, ops: Backend) -> Callable:
         return s
 
     return score
+
+
+def _check_shape(score_fn, shape) -> None:
+    """Wrong shapes are named here, not by an error deep inside MLX or torch."""
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise ValueError(f"shape must be a tuple (N, *data_shape), got {shape!r}") from None
+    if len(shape) < 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1
+                                 for s in shape):
+        raise ValueError(f"shape must be (N, *data_shape) with integers >= 1, got {shape!r}")
+    expected = getattr(score_fn, "data_shape", None)
+    if expected is not None and tuple(shape[1:]) != tuple(expected):
+        raise ValueError(f"shape {tuple(shape)}: this model makes samples of shape {tuple(expected)}; "
+                         f"pass (N, {', '.join(map(str, expected))})")
 
 
 def sample(sde: LinearSDE, score_fn: Callable, shape, *, sampler: str = "lie-trotter",

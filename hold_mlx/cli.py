@@ -33,13 +33,79 @@ def friendly_errors(fn):
 
         try:
             return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except (CheckpointError, DatasetError, TrainingDiverged, ValueError, FileNotFoundError,
                 PermissionError, RuntimeError, FloatingPointError) as err:
             raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
         except OSError as err:
             raise click.ClickException(f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")) from err
+        except MemoryError as err:
+            raise click.ClickException("out of memory: use a smaller --batch-size, --n or network") from err
 
     return wrapper
+
+
+# ----------------------------------------------------------------------------- option ranges
+
+#: Most sampler steps: beyond this samples do not improve and the per-step arrays grow without use.
+MAX_SAMPLE_STEPS = 100_000
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _max_threads() -> int:
+    return max(64, 4 * _cpu_count())
+
+
+def _check_threads(ctx, param, value):
+    if value is not None and value > _max_threads():
+        raise click.BadParameter(f"at most {_max_threads()} (4x the {_cpu_count()} cores, at least 64): more "
+                                 "threads than cores only add overhead", ctx=ctx, param=param)
+    return value
+
+
+def _positive_finite(ctx, param, value):
+    if value is not None and not (np.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number > 0, got {value}", ctx=ctx, param=param)
+    return value
+
+
+def _check_sample_memory(model, num: int, batch_size: int) -> None:
+    """Refuse --n / --batch-size that cannot fit in memory, before sampling starts."""
+    from .netconfig import NetConfig
+    from .trainloop import estimate_train_bytes, physical_memory_bytes
+
+    have = physical_memory_bytes()
+    size = int(np.prod(model.data_shape))
+    held = 2 * 4.0 * num * size  # model-space samples and their user-unit copy
+    if held > have / 2:
+        raise click.BadParameter(f"{num} samples of {size} values need about {held / 2**30:.0f} GiB and this "
+                                 f"machine has {have / 2**30:.0f} GiB; draw fewer per call (several --seed)",
+                                 param_hint="--n")
+    try:
+        net_cfg = NetConfig.from_dict(model.config["net"])
+    except (KeyError, TypeError, ValueError):
+        return
+    order = int(model.config["net"].get("order", 1))
+    need = estimate_train_bytes(net_cfg, model.data_shape, min(batch_size, num), training=False) \
+        + 4.0 * 8 * order * size * min(batch_size, num)  # sampler state and its temporaries
+    if need > have / 2:
+        raise click.BadParameter(f"a batch of {batch_size} needs at least {need / 2**30:.0f} GiB and this machine "
+                                 f"has {have / 2**30:.0f} GiB; use a smaller --batch-size", param_hint="--batch-size")
+
+
+def _check_finite_samples(samples: np.ndarray, checkpoint) -> None:
+    bad = int((~np.isfinite(samples.reshape(len(samples), -1))).any(axis=1).sum())
+    if bad:
+        raise click.ClickException(f"{bad} of {len(samples)} samples are NaN or Inf (checkpoint "
+                                   f"{checkpoint or 'shipped'}); nothing was written: try more --steps or another "
+                                   "--sampler, or retrain the model with a lower --lr")
 
 
 def _print_version(ctx, param, value):
@@ -49,7 +115,7 @@ def _print_version(ctx, param, value):
         from ._mlx import BLAS, mx
 
         mlx = f"mlx {mx.__version__}, BLAS: {BLAS}"
-    except ImportError as err:
+    except (ImportError, ValueError, OSError) as err:
         mlx = f"mlx not usable: {err}"
     click.echo(f"hold-mlx {__version__} ({mlx}, Python {platform.python_version()})")
     ctx.exit()
@@ -77,6 +143,8 @@ def main():
 def _check_out(path: Path, suffixes=(".png", ".npz")) -> Path:
     if path.suffix.lower() not in suffixes:
         raise click.BadParameter(f"must end in {' or '.join(suffixes)}, got {path.name!r}", param_hint="--out")
+    if path.is_dir():
+        raise click.BadParameter(f"{path} is a folder; give a file name", param_hint="--out")
     parent = path.resolve().parent
     if not parent.is_dir():
         raise click.BadParameter(f"folder {parent} does not exist", param_hint="--out")
@@ -104,7 +172,7 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Run folder, .safetensors file or (with --backend onnx) .onnx file. Default: the "
                    "Fashion-MNIST HOLD model shipped in weights/.")
-@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1, max=MAX_SAMPLE_STEPS), default=100, show_default=True,
               help="Sampler steps (network calls: 1 per step for lie-trotter/strang/em, 2 for heun/exp-heun/ams, "
                    "1 to 2 for poisson-midpoint; +1 for the final denoising step; rk45 ignores it).")
 @click.option("--sampler", type=click.Choice(SAMPLER_CHOICES, case_sensitive=False), default="lie-trotter",
@@ -117,12 +185,13 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
               help="Time grid; quadratic is denser near the data.")
 @click.option("--backend", type=click.Choice(["mlx", "torch", "onnx"]), default="mlx", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None, callback=_check_threads,
               help="CPU threads (MLX streams, torch, onnxruntime).")
 @click.option("--noise", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="portable: the same samples on every backend and batch size; native: the backend's RNG.")
-@click.option("--substeps", type=click.IntRange(min=1), default=None, help="poisson-midpoint: fine steps per step (K).")
-@click.option("--snr", type=float, default=None, help="ams: corrector signal-to-noise ratio.")
+@click.option("--substeps", type=click.IntRange(min=1, max=1000), default=None,
+              help="poisson-midpoint: fine steps per step (K, at most 1000).")
+@click.option("--snr", type=float, default=None, callback=_positive_finite, help="ams: corrector signal-to-noise ratio.")
 @click.option("--norms", type=click.Choice(["sample", "batch"]), default=None,
               help="ams: step-size norms per sample (default; batch-independent) or averaged over the batch "
                    "(score_sde; use it for low-dimensional data).")
@@ -140,6 +209,7 @@ def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend
 
     out = _check_out(out)
     model = load(checkpoint, backend, device=device, threads=threads)
+    _check_sample_memory(model, num, batch_size)
     options = {"sampler": sampler, "steps": steps, "grid": time_grid, "noise": noise, "denoise": not no_denoise}
     if substeps is not None:
         options["substeps"] = substeps
@@ -152,6 +222,7 @@ def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend
     with tqdm(total=None if adaptive else steps * batches, unit="step", desc=f"sampling ({backend})",
               disable=None, leave=False) as bar:
         drawn = model.sample(num, batch_size=batch_size, seed=seed, callback=lambda *step: bar.update(1), **options)
+    _check_finite_samples(drawn.x, checkpoint)
     write_samples(out, drawn.user_units(), model.data_kind)
     click.echo(f"wrote {num} samples to {out} ({sampler}, {drawn.nfe} network calls per batch, backend {backend})")
 
@@ -179,7 +250,7 @@ _TRAIN_OPTION_FIELDS = {
     "grad_clip": "grad_clip", "ema_decay": "ema_decay", "weighting": "weighting", "mixed_score": "mixed_score",
     "hflip": "hflip", "seed": "seed", "save_every": "save_every", "sample_every": "sample_every",
     "sample_steps": "sample_steps", "compile": "compile", "backend": "backend", "device": "device", "amp": "amp",
-    "channels_last": "channels_last",
+    "channels_last": "channels_last", "init_from": "init_from",
 }
 
 
@@ -208,11 +279,14 @@ def _preview(trainer, step: int) -> str:
                                                 "/usr/share/datasets/fashion-mnist; mnist and cifar10 need it).")
 @click.option("--image-size", type=int, default=None, help="Resize an image folder to this size.")
 @click.option("--sde", type=click.Choice(["vp", "cld", "hold"]), default="hold", show_default=True)
-@click.option("--order", type=click.IntRange(min=1), default=None, help="HOLD order n (default 3).")
+@click.option("--order", type=click.IntRange(min=1, max=8), default=None,
+              help="HOLD order n (default 3; at most 8: the state holds n copies of the data).")
 @click.option("--sde-param", multiple=True, metavar="KEY=VALUE",
               help="SDE override, repeatable: e.g. T=5, L_inv=0.5, beta=4 (see hold_mlx.get_sde).")
-@click.option("--net", default="fashion-mnist", show_default=True,
-              help="Network preset: tiny, digits, fashion-mnist, cifar10, mlp, mlp-tiny.")
+@click.option("--net", default="auto", show_default=True,
+              help="Network preset: tiny, digits, fashion-mnist, cifar10, mlp, mlp-tiny; auto picks it from "
+                   "the data: mlp for points, the preset of a known image set (fashion-mnist, mnist, digits, "
+                   "cifar10), for an image folder digits (<= 16 px), fashion-mnist (<= 28 px) or cifar10.")
 @click.option("--net-param", multiple=True, metavar="KEY=VALUE",
               help="Network override, repeatable: e.g. channels=64, channel_mult=[1,2,2].")
 @click.option("--steps", type=click.IntRange(min=1), default=10_000, show_default=True)
@@ -225,11 +299,11 @@ def _preview(trainer, step: int) -> str:
 @click.option("--weighting", type=click.Choice(["eps", "likelihood"]), default="eps", show_default=True)
 @click.option("--mixed-score/--no-mixed-score", default=True, show_default=True)
 @click.option("--hflip", is_flag=True, help="Random horizontal flips.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Write a preview grid every N steps (0: only at the end).")
-@click.option("--sample-steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--sample-steps", type=click.IntRange(min=1, max=MAX_SAMPLE_STEPS), default=50, show_default=True)
 @click.option("--compile/--no-compile", default=True, show_default=True,
               help="mx.compile the MLX step; torch.compile on CUDA.")
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default="mlx", show_default=True)
@@ -237,6 +311,9 @@ def _preview(trainer, step: int) -> str:
 @click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
               help="torch: mixed precision for the network (bf16 on CUDA or CPU; fp16 with loss scaling, CUDA).")
 @click.option("--channels-last", is_flag=True, help="torch: channels_last memory format.")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="Start a new run from the weights of this run folder or .safetensors file (raw and EMA "
+                   "weights; fresh optimizer, step 0), e.g. to fine-tune a finished model.")
 @click.pass_context
 @friendly_errors
 def train(ctx, out, order, sde_param, net_param, **options):
@@ -246,6 +323,8 @@ def train(ctx, out, order, sde_param, net_param, **options):
     from .checkpoint import STATE_FILE, read_config
     from .trainloop import TrainConfig
 
+    if options.get("init_from") is not None:
+        options["init_from"] = str(options["init_from"])
     given = {name for name in options
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
     sde_params = _parse_assignments(sde_param, "--sde-param")
@@ -291,6 +370,10 @@ def train(ctx, out, order, sde_param, net_param, **options):
     if trainer.rank == 0:
         if trainer.interrupted:
             click.echo(f"stopped at step {trainer.step}; checkpoint saved. Run the same command to resume.")
+            import signal
+
+            # Scripts can tell an interrupted run from a finished one: 128 + the signal, as a shell does.
+            ctx.exit(128 + int(trainer.stop_signal or signal.SIGINT))
         else:
             click.echo(f"done: step {trainer.step}; model in {out / 'model.safetensors'}")
 
@@ -325,6 +408,21 @@ def export(checkpoint, out, opset, fp16):
 # ----------------------------------------------------------------------------- eval
 
 
+def _eval_dataset(data_cfg: dict, dataset, data_dir) -> str:
+    """The dataset eval reads: --dataset, or the checkpoint's if it is a known name. A path stored
+    in a checkpoint is never opened unless the user names it."""
+    from .data import DATASETS
+
+    if dataset:
+        return dataset
+    name = str(data_cfg.get("name", ""))
+    if name.lower() in DATASETS or name.lower() in ("fashion_mnist", "fmnist"):
+        return name
+    hint = f" (it was read from {data_cfg['source']})" if isinstance(data_cfg.get("source"), str) else ""
+    raise click.UsageError(f"the model was trained on {name!r}{hint}, not a known dataset name; pass --dataset "
+                           "with that file or folder (and --data-dir if needed)")
+
+
 def _test_data(data_cfg: dict, n: int, dataset, data_dir) -> tuple[np.ndarray, str]:
     """The first n test examples of the model's dataset, in user units."""
     from .data import load_dataset
@@ -349,21 +447,25 @@ def _print_table(rows) -> None:
               help="Run folder or .safetensors file. Default: the Fashion-MNIST HOLD model shipped in weights/.")
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default="mlx", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads: MLX streams or torch threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, callback=_check_threads,
+              help="CPU threads: MLX streams or torch threads.")
 @click.option("--bpd", is_flag=True, help="Likelihood of test data: bits/dim (images) or nats (points).")
 @click.option("--n-images", type=click.IntRange(min=1), default=256, show_default=True,
               help="--bpd: test examples (the first N of the test split).")
 @click.option("--estimator", type=click.Choice(["hutchinson", "exact"]), default="hutchinson", show_default=True,
               help="--bpd: trace estimator; exact costs d network passes per step (points only).")
-@click.option("--rtol", type=float, default=1e-5, show_default=True, help="--bpd: RK45 relative tolerance.")
-@click.option("--atol", type=float, default=1e-5, show_default=True, help="--bpd: RK45 absolute tolerance.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, callback=_positive_finite,
+              help="--bpd: RK45 relative tolerance.")
+@click.option("--atol", type=float, default=1e-5, show_default=True, callback=_positive_finite,
+              help="--bpd: RK45 absolute tolerance.")
 @click.option("--quality", is_flag=True, help="Sample quality: FD/KD against the training data (FID/KID too "
                                               "with --fid-weights).")
 @click.option("--n-samples", type=click.IntRange(min=2), default=1000, show_default=True,
               help="--quality: samples to draw.")
 @click.option("--sampler", type=click.Choice(SAMPLER_CHOICES, case_sensitive=False), default="lie-trotter",
               show_default=True, help="--quality: the sampler that draws the samples.")
-@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="--quality: sampler steps.")
+@click.option("--steps", type=click.IntRange(min=1, max=MAX_SAMPLE_STEPS), default=100, show_default=True,
+              help="--quality: sampler steps.")
 @click.option("--grid", "time_grid", type=click.Choice(["uniform", "quadratic"]), default="uniform", show_default=True,
               help="--quality: sampler time grid.")
 @click.option("--samples", "samples_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -405,7 +507,9 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
     if out is not None:
         _check_out(out, (".json",))
     model = load(checkpoint, backend, device=device, threads=threads)
+    _check_sample_memory(model, n_samples if quality and samples_file is None else 1, batch_size)
     data_cfg = model.config["data"]
+    dataset = _eval_dataset(data_cfg, dataset, data_dir)
     from .checkpoint import default_checkpoint
 
     report = {"checkpoint": str(checkpoint or default_checkpoint()), "backend": backend, "sde": model.sde.to_config(),
@@ -453,10 +557,18 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
 
         start = time.time()
         if samples_file is not None:
-            with np.load(samples_file) as f:
-                if "samples" not in f:
-                    raise ValueError(f"{samples_file}: no 'samples' array (write it with hold-mlx sample --out x.npz)")
-                samples = np.asarray(f["samples"], np.float32)
+            try:
+                with np.load(samples_file, allow_pickle=False) as f:
+                    if "samples" not in f:
+                        raise ValueError(f"{samples_file}: no 'samples' array (write it with hold-mlx sample --out x.npz)")
+                    samples = np.asarray(f["samples"], np.float32)
+            except (ValueError, OSError, EOFError, AttributeError, TypeError) as err:
+                if str(samples_file) in str(err):
+                    raise
+                raise ValueError(f"{samples_file}: not a readable .npz of samples ({str(err)[:120]}); write it "
+                                 "with hold-mlx sample --out x.npz") from err
+            if not np.isfinite(samples).all():
+                raise ValueError(f"{samples_file}: the samples contain NaN or Inf; draw them again")
             if samples.shape[1:] != tuple(data_cfg["shape"]):
                 raise ValueError(f"{samples_file}: samples of shape {samples.shape[1:]}, the model makes "
                                  f"{tuple(data_cfg['shape'])}")
@@ -469,6 +581,7 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
                       disable=None, leave=False) as bar:
                 drawn = model.sample(n_samples, batch_size=batch_size, seed=seed,
                                      callback=lambda *step: bar.update(1), **options)
+            _check_finite_samples(drawn.x, checkpoint)
             samples = drawn.user_units()
             how = {**options, "nfe": drawn.nfe, "seed": seed}
         reference, ref_source = reference_images(data_cfg, n_ref, dataset=dataset, data_dir=data_dir, seed=seed)
@@ -495,12 +608,29 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
 # ----------------------------------------------------------------------------- doctor
 
 
+def _bad_environment() -> str:
+    """HOLD_MLX_* variables whose values cannot be used, for doctor."""
+    bad = []
+    for name in ("HOLD_MLX_CACHE_MB", "HOLD_MLX_THREADS", "HOLD_MLX_BLAS_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value and not (value.isdigit() and int(value) < 2**40):
+            bad.append(f"{name}={value[:40]!r} is not a sane non-negative integer")
+    for name in ("HOLD_MLX_WEIGHTS", "HOLD_MLX_BLAS"):
+        value = os.environ.get(name, "")
+        if value and value.lower() != "none" and not os.path.isfile(value):
+            bad.append(f"{name}={value[:80]} does not exist")
+    return "; ".join(bad)
+
+
 @main.command()
 def doctor():
     """Report versions, the BLAS MLX uses, the native CPU kernels (built here on first use),
     devices, datasets and shipped weights."""
     rows = [("hold-mlx", __version__), ("python", f"{platform.python_version()} ({sys.executable})"),
             ("platform", f"{platform.system()} {platform.machine()}")]
+    bad_env = _bad_environment()
+    if bad_env:
+        rows.append(("environment", bad_env))
     try:
         from ._mlx import BLAS, BLAS_NOTE, mx
 
@@ -516,7 +646,7 @@ def doctor():
             rows.append(("mlx native kernels", ("built: " if built.available else "unavailable: ") + built.detail))
         else:
             rows.append(("mlx native kernels", "not used (MLX's own kernels are the fast ones here)"))
-    except ImportError as err:
+    except (ImportError, ValueError, OSError) as err:
         rows.append(("mlx", f"not usable: {err}"))
     try:
         import torch

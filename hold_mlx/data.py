@@ -32,6 +32,11 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 TOYS = ("checkerboard", "swiss-roll", "8gaussians", "rings")
 DATASETS = ("fashion-mnist", "mnist", "digits", "cifar10", *TOYS)
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+#: Largest image (pixels) read from a folder: 8192 x 8192. Bigger files are refused before they are
+#: decoded (a small compressed file can expand to gigabytes: a "decompression bomb").
+MAX_IMAGE_PIXELS = 8192 * 8192
+#: Largest dataset held in memory (float32 model-space values).
+MAX_DATA_BYTES = 16 * 2**30
 
 
 class DatasetError(ValueError):
@@ -46,6 +51,7 @@ class Dataset:
     shift: float | np.ndarray = 0.0
     scale: float | np.ndarray = 1.0
     labels: np.ndarray | None = None
+    source: str | None = None  # the file or folder it was read from (not a known dataset name)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -56,9 +62,12 @@ class Dataset:
 
     def config(self) -> dict:
         """The "data" section of a checkpoint config."""
-        return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
-                "shift": np.asarray(self.shift, dtype=np.float64).tolist(),
-                "scale": np.asarray(self.scale, dtype=np.float64).tolist()}
+        out = {"name": self.name, "kind": self.kind, "shape": list(self.shape),
+               "shift": np.asarray(self.shift, dtype=np.float64).tolist(),
+               "scale": np.asarray(self.scale, dtype=np.float64).tolist()}
+        if self.source is not None:  # recorded for the user's information: eval never reads it by itself
+            out["source"] = self.source
+        return out
 
     def batch(self, step: int, batch_size: int, seed: int, *, rank: int = 0, world: int = 1,
               hflip: bool = False) -> np.ndarray:
@@ -104,12 +113,18 @@ def read_idx(path: Path) -> np.ndarray:
     except (OSError, EOFError) as err:
         raise DatasetError(f"{path}: cannot read IDX file ({err}); reinstall the dataset") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DatasetError(f"{path}: not an IDX file of unsigned bytes")
+        raise DatasetError(f"{path}: not an IDX file of unsigned bytes; reinstall the dataset")
     ndim = raw[3]
+    if not 1 <= ndim <= 4 or len(raw) < 4 + 4 * ndim:
+        raise DatasetError(f"{path}: malformed IDX header ({ndim} dimensions); reinstall the dataset")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DatasetError(f"{path}: IDX file is truncated ({body.size} of {int(np.prod(dims))} bytes)")
+    expected = 1
+    for d in dims:  # Python ints: no overflow
+        expected *= d
+    if body.size != expected:
+        raise DatasetError(f"{path}: IDX file has {body.size} data bytes, its header promises {expected} "
+                           "(truncated or corrupted); reinstall the dataset")
     return body.reshape(dims)
 
 
@@ -132,8 +147,10 @@ def load_mnist_like(name: str, folder, split: str = "train") -> Dataset:
                            "or pass --data-dir")
     x = read_idx(images)
     y = read_idx(labels).astype(np.int64) if labels is not None else None
-    if x.ndim != 3:
+    if x.ndim != 3 or min(x.shape) < 1:
         raise DatasetError(f"{images}: expected (N, H, W) images, got shape {x.shape}")
+    if y is not None and (y.ndim != 1 or len(y) != len(x)):
+        raise DatasetError(f"{labels}: {y.shape} labels for {len(x)} images; reinstall the dataset")
     return _images(name, x[..., None], y)
 
 
@@ -175,14 +192,26 @@ def make_toy(name: str, n: int = 50_000, seed: int = 0) -> np.ndarray:
     return pts.astype(np.float32)
 
 
-def _points(name: str, pts: np.ndarray) -> Dataset:
-    pts = np.asarray(pts, dtype=np.float64)
-    if pts.ndim != 2 or len(pts) < 2:
+def _points(name: str, pts: np.ndarray, source: str | None = None) -> Dataset:
+    pts = np.asarray(pts)
+    if pts.dtype.kind not in "biuf":
+        raise DatasetError(f"{name}: points must be real numbers, got dtype {pts.dtype}")
+    if pts.ndim != 2 or len(pts) < 2 or pts.shape[1] < 1:
         raise DatasetError(f"{name}: points must be an (N, d) array with N >= 2, got shape {pts.shape}")
+    if pts.size * 4 > MAX_DATA_BYTES:
+        raise DatasetError(f"{name}: {pts.size} values are more than the {MAX_DATA_BYTES // 2**30} GiB a dataset "
+                           "may take in memory; use a subset")
+    pts = pts.astype(np.float64)
     if not np.isfinite(pts).all():
         raise DatasetError(f"{name}: points contain NaN or Inf")
-    mean, std = pts.mean(0), pts.std(0) + 1e-8
-    return Dataset(name, ((pts - mean) / std).astype(np.float32), "points", mean, std)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = pts.mean(0), pts.std(0) + 1e-8
+        standard = (pts - mean) / std
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and np.isfinite(standard).all()) \
+            or np.abs(mean).max() > 1e30 or std.max() > 1e30:
+        raise DatasetError(f"{name}: values too large to standardise (|x| up to {np.abs(pts).max():.3g}); "
+                           "rescale the points (e.g. to |x| < 1e6)")
+    return Dataset(name, standard.astype(np.float32), "points", mean, std, source=source)
 
 
 # ----------------------------------------------------------------------------- CIFAR-10 and folders
@@ -209,7 +238,11 @@ def load_cifar10(folder, split: str = "train") -> Dataset:
             raw = b"".join((base / f"{n}.bin").read_bytes() for n in names)
             if len(raw) % 3073:
                 raise DatasetError(f"{base}: CIFAR-10 binary batches have a wrong size (truncated?)")
+            if not raw:
+                raise DatasetError(f"{base}: CIFAR-10 binary batches are empty")
             rec = np.frombuffer(raw, np.uint8).reshape(-1, 3073)
+            if rec[:, 0].max() > 9:
+                raise DatasetError(f"{base}: not CIFAR-10 binary batches (labels above 9)")
             x = rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             return _images("cifar10", x, rec[:, 0].astype(np.int64))
         if all((base / n).is_file() for n in names):
@@ -220,8 +253,15 @@ def load_cifar10(folder, split: str = "train") -> Dataset:
                         batch = _ArrayOnlyUnpickler(f, encoding="bytes").load()
                     except Exception as err:  # noqa: BLE001 - any failure means a bad file
                         raise DatasetError(f"{base / n}: not a CIFAR-10 python batch ({err})") from err
-                xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-                ys.append(np.asarray(batch[b"labels"], np.int64))
+                try:
+                    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], np.int64)
+                    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),):
+                        raise ValueError(f"data {data.dtype} {data.shape}, labels {labels.shape}")
+                except (TypeError, KeyError, IndexError, ValueError) as err:
+                    raise DatasetError(f"{base / n}: not a CIFAR-10 python batch ({err!r}); download the batches "
+                                       "again") from err
+                xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                ys.append(labels)
             return _images("cifar10", np.concatenate(xs), np.concatenate(ys))
     raise DatasetError(f"cifar10: no CIFAR-10 batches under {folder}; pass --data-dir pointing to "
                        "cifar-10-batches-bin (or -py), downloaded by you from the CIFAR-10 site")
@@ -235,18 +275,29 @@ def load_image_folder(folder, image_size: int | None = None) -> Dataset:
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(sorted(_IMAGE_EXT))}) found")
     size = image_size or 64
+    if len(files) * size * size * 3 * 4 > MAX_DATA_BYTES:
+        raise DatasetError(f"{folder}: {len(files)} images of {size}x{size} are more than the "
+                           f"{MAX_DATA_BYTES // 2**30} GiB a dataset may take in memory; use fewer or a smaller --image-size")
     out = []
     for p in files:
         try:
             with Image.open(p) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DatasetError(f"{p}: {w}x{h} pixels is more than the {MAX_IMAGE_PIXELS} this reader decodes "
+                                       "(a possible decompression bomb); shrink or remove the file")
                 im = im.convert("RGB")
                 w, h = im.size
                 side = min(w, h)  # centre crop to a square, then resize
                 im = im.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
                 out.append(np.asarray(im.resize((size, size), Image.BICUBIC), np.uint8))
-        except OSError as err:
-            raise DatasetError(f"{p}: unreadable image ({err})") from err
-    return _images(folder.name or "images", np.stack(out))
+        except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as err:
+            if isinstance(err, DatasetError):
+                raise
+            raise DatasetError(f"{p}: unreadable image ({err}); fix or remove the file") from err
+    dataset = _images(folder.name or "images", np.stack(out))
+    dataset.source = str(folder.resolve())
+    return dataset
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -278,7 +329,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None, split: str = "train"
             pts = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as err:
             raise DatasetError(f"{path}: not a readable .npy array ({err})") from err
-        return _points(path.stem, pts)
+        return _points(path.stem, pts, source=str(path.resolve()))
     if path.is_dir():
         return load_image_folder(path, image_size)
     raise DatasetError(f"unknown dataset {spec!r}: use one of {', '.join(DATASETS)}, "

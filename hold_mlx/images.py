@@ -29,10 +29,24 @@ def grid_image(images: np.ndarray, ncols: int | None = None, pad: int = 2, scale
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
 
 
-def save_grid(path, images: np.ndarray, **kwargs) -> Path:
+def _save_atomic(path, im) -> Path:
+    """Encode in memory, then write atomically: a kill or a full disk never leaves half a PNG."""
+    import io
+
+    from PIL import Image
+
+    from .checkpoint import atomic_write
+
     path = Path(path)
-    grid_image(images, **kwargs).save(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    buffer = io.BytesIO()
+    im.save(buffer, format=fmt)
+    atomic_write(path, buffer.getvalue())
     return path
+
+
+def save_grid(path, images: np.ndarray, **kwargs) -> Path:
+    return _save_atomic(path, grid_image(images, **kwargs))
 
 
 def scatter_image(points: np.ndarray, size: int = 512, reference: np.ndarray | None = None):
@@ -42,6 +56,8 @@ def scatter_image(points: np.ndarray, size: int = 512, reference: np.ndarray | N
     points = np.asarray(points, dtype=np.float64)[:, :2]
     every = points if reference is None else np.concatenate([points, np.asarray(reference)[:, :2]])
     finite = every[np.isfinite(every).all(1)]
+    if not len(finite):
+        raise ValueError("no finite point to plot: every sample is NaN or Inf")
     lo, hi = np.percentile(finite, 0.5, axis=0), np.percentile(finite, 99.5, axis=0)
     centre, half = (lo + hi) / 2, max((hi - lo).max() / 2 * 1.15, 1e-6)
     im = Image.new("RGB", (size, size), "white")
@@ -60,6 +76,4 @@ def scatter_image(points: np.ndarray, size: int = 512, reference: np.ndarray | N
 
 def save_samples_png(path, samples: np.ndarray, kind: str) -> Path:
     """A grid for images (N, H, W, C), a scatter plot for points (N, d)."""
-    path = Path(path)
-    (grid_image(samples, scale=2) if kind == "image" else scatter_image(samples)).save(path)
-    return path
+    return _save_atomic(path, grid_image(samples, scale=2) if kind == "image" else scatter_image(samples))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -24,14 +25,22 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, atomic_write, make_config, read_config,
-                         read_tensors, write_tensors)
+from .checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, append_line, atomic_write, lock_run_folder,
+                         make_config, read_config, read_tensors, resolve_model_file, validate_net_params,
+                         validate_sde_params, write_tensors)
 from .data import Dataset, load_dataset
 from .netconfig import NetConfig, net_preset
 from .parameterisation import Coefficients, objective_coefficients, sample_times
 from .sde import LinearSDE, get_sde
 
-__all__ = ["TrainConfig", "TrainerBase", "StepInfo", "TrainingDiverged", "RESUMABLE_CHANGES"]
+__all__ = ["TrainConfig", "TrainerBase", "StepInfo", "TrainingDiverged", "RESUMABLE_CHANGES", "auto_net",
+           "estimate_train_bytes", "MAX_SEED", "MAX_WEIGHT"]
+
+#: Seeds are 63-bit: MLX, torch and NumPy all take them.
+MAX_SEED = 2**63 - 1
+#: A weight larger than this in magnitude means the run diverged (trained weights stay O(1-100)):
+#: such a state is never saved as the "last good" checkpoint.
+MAX_WEIGHT = 1e6
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,7 +56,7 @@ class TrainConfig:
     image_size: int | None = None
     sde: str = "hold"
     sde_params: dict = field(default_factory=dict)
-    net: str = "fashion-mnist"
+    net: str = "auto"  # "auto": chosen from the data (see auto_net)
     net_params: dict = field(default_factory=dict)
     steps: int = 10_000
     batch_size: int = 64
@@ -68,17 +77,28 @@ class TrainConfig:
     device: str = "cpu"
     amp: str = "none"  # torch on CUDA: "bf16" | "fp16" | "none"
     channels_last: bool = False
+    init_from: str | None = None  # a new run starts from these weights (raw = EMA), fresh optimizer
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "save_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.warmup < 0 or self.sample_every < 0 or self.grad_clip < 0:
-            raise ValueError("warmup, sample_every and grad_clip must be >= 0")
+        def number(name, ok, what):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+
+        for name in ("steps", "batch_size", "save_every", "sample_steps"):
+            number(name, lambda v: v == int(v) and v >= 1, "an integer >= 1")
+        for name in ("warmup", "sample_every"):
+            number(name, lambda v: v == int(v) and v >= 0, "an integer >= 0")
+        number("seed", lambda v: v == int(v) and 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
+        number("lr", lambda v: v > 0, "a finite number > 0")
+        number("ema_decay", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+        number("grad_clip", lambda v: v >= 0, "a finite number >= 0 (0: no clipping)")
+        number("weight_decay", lambda v: v >= 0, "a finite number >= 0 (0: Adam, > 0: AdamW)")
+        if self.image_size is not None:
+            number("image_size", lambda v: v == int(v) and 4 <= v <= 1024, "an integer from 4 to 1024")
+        if not isinstance(self.sde_params, dict) or not isinstance(self.net_params, dict):
+            raise ValueError("sde_params and net_params must be mappings")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,10 +109,58 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-#: Settings a resumed run may change: the budget, the cadence of saves and previews, and how the
-#: same computation is executed (where the data lives, the backend and its speed options).
+#: Settings a resumed run may change: the budget, the cadence of saves and previews, how the same
+#: computation is executed (where the data lives, the backend and its speed options), and the
+#: optimizer's knobs, so a diverged run can resume from its last good checkpoint with a lower
+#: learning rate (a change is recorded in log.jsonl).
 RESUMABLE_CHANGES = frozenset({"steps", "save_every", "sample_every", "sample_steps", "data_dir", "compile",
-                               "backend", "device", "amp", "channels_last"})
+                               "backend", "device", "amp", "channels_last", "lr", "warmup", "grad_clip",
+                               "weight_decay"})
+#: Of those, the ones that change the trained weights: logged when they change.
+_LOGGED_CHANGES = ("lr", "warmup", "grad_clip", "weight_decay")
+
+
+def auto_net(data: Dataset) -> str:
+    """The network preset for data: an MLP for points, the preset of a known image set, else a
+    U-Net preset by image size."""
+    if data.kind == "points":
+        return "mlp"
+    if data.name in ("fashion-mnist", "mnist"):
+        return "fashion-mnist"
+    if data.name in ("digits", "cifar10"):
+        return data.name
+    size = data.shape[0]
+    return "digits" if size <= 16 else "fashion-mnist" if size <= 28 else "cifar10"
+
+
+def estimate_train_bytes(net_cfg: NetConfig, data_shape, batch_size: int, *, training: bool = True) -> float:
+    """A rough lower estimate of the memory a network needs: parameters (with EMA, gradients and
+    Adam moments when training) plus the main activations of one batch. Only meant to refuse
+    sizes that surely cannot fit, before anything is allocated."""
+    c = net_cfg
+    if c.kind == "mlp":
+        width_in = c.order * c.data_channels
+        params = width_in * c.hidden + (c.depth + 2) * c.hidden * c.hidden + c.hidden * c.data_channels
+        activations = batch_size * c.hidden * (c.depth + 4)
+    else:
+        params, activations, res = 0.0, 0.0, float(c.image_size)
+        for mult in c.channel_mult:
+            ch = float(c.channels * mult)
+            blocks = 3 * c.num_res_blocks + 1  # down blocks, up blocks (one more), sampling conv
+            params += blocks * 2 * 9 * ch * ch
+            activations += batch_size * res * res * ch * blocks * 4
+            if int(res) in c.attn_resolutions:
+                activations += batch_size * (res * res) ** 2 * 2
+            res = max(1.0, res / 2)
+    per_param = 5 if training else 1  # raw, EMA, gradient and two Adam moments
+    return 4.0 * (params * per_param + activations)
+
+
+def physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 64 * 2**30
 
 
 @dataclass
@@ -142,21 +210,35 @@ class TrainerBase:
         self.rank, self.world = self._backend_distributed()
         if config.batch_size % self.world:
             raise ValueError(f"batch size {config.batch_size} is not divisible by {self.world} ranks")
-        self._check_resume_config()
+        # Rank 0 owns the folder for the whole run: a second trainer on it stops here, and a
+        # folder it cannot write is found now, not at the first save.
+        self._lock = lock_run_folder(self.out) if self.rank == 0 else None
+        if self.rank == 0:
+            self._check_writable()
+        self._resumed_from = self._check_resume_config()
         self.data = dataset if dataset is not None else load_dataset(
             config.dataset, data_dir=config.data_dir, image_size=config.image_size, seed=config.seed)
-        self.sde: LinearSDE = get_sde(config.sde, **config.sde_params)
+        validate_sde_params(dict(config.sde_params))
+        try:
+            self.sde: LinearSDE = get_sde(config.sde, **config.sde_params)
+        except (TypeError, ArithmeticError, np.linalg.LinAlgError) as err:
+            raise ValueError(f"--sde-param: {err}") from err
         self.net_cfg = self._net_config()
+        self._check_memory()
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in steps, summed over every session of the run
         self._since_save: list[float] = []  # losses since the last save, for log.jsonl
         self.interrupted = False
+        self.stop_signal: int | None = None  # SIGINT / SIGTERM that stopped the last run()
         self.model_config = make_config(
             self.sde, self.net_cfg, self.data.config(), mixed_score=config.mixed_score,
             weighting=config.weighting, extra={"train": config.to_dict()})
         self._backend_build()
         if (self.out / STATE_FILE).exists():
             self._load_state()
+            self._log_changes()
+        elif config.init_from:
+            self._init_from(config.init_from)
 
     # -- backend hooks ----------------------------------------------------------------------------
 
@@ -191,14 +273,15 @@ class TrainerBase:
 
     def _net_config(self) -> NetConfig:
         shape = self.data.shape
-        overrides = dict(self.cfg.net_params)
+        overrides = dict(validate_net_params(dict(self.cfg.net_params)))
         overrides.setdefault("order", self.sde.order)
         overrides.setdefault("data_channels", shape[-1])
         if self.data.kind == "image":
             if shape[0] != shape[1]:
                 raise ValueError(f"images must be square, got {shape[:2]}")
             overrides.setdefault("image_size", shape[0])
-        net_cfg = net_preset(self.cfg.net, **overrides)
+        name = auto_net(self.data) if self.cfg.net == "auto" else self.cfg.net
+        net_cfg = net_preset(name, **overrides)
         if (net_cfg.kind == "mlp") != (self.data.kind == "points"):
             raise ValueError(f"network {self.cfg.net!r} ({net_cfg.kind}) does not fit {self.data.kind} data; "
                              "use an mlp preset for points and a U-Net preset for images")
@@ -206,10 +289,25 @@ class TrainerBase:
             raise ValueError(f"network order {net_cfg.order} != SDE order {self.sde.order}")
         return net_cfg
 
-    def _check_resume_config(self) -> None:
+    def _check_writable(self) -> None:
+        log = self.out / "log.jsonl"
+        if log.is_symlink():
+            raise CheckpointError(f"{log} is a symbolic link; hold-mlx does not write through links: remove it "
+                                  "or use another --out")
+        if not os.access(self.out, os.W_OK):
+            raise CheckpointError(f"{self.out} is not writable: fix its permissions or choose another --out")
+
+    def _check_resume_config(self) -> TrainConfig | None:
+        """The stored config of the run being resumed (None for a new run), after checking that
+        the settings that define the run did not change."""
         state_file = self.out / STATE_FILE
         if not state_file.exists():
-            return
+            if (self.out / MODEL_FILE).exists() and not self.cfg.init_from:
+                raise CheckpointError(
+                    f"{self.out} holds a trained {MODEL_FILE} but no {STATE_FILE}, so it cannot be resumed and "
+                    f"training would overwrite it: use a new --out, or --init-from {self.out} --out NEW to "
+                    "fine-tune from those weights")
+            return None
         old = TrainConfig.from_dict(read_config(state_file).get("train", {}))
         diffs = [f.name for f in fields(TrainConfig)
                  if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(self.cfg, f.name)]
@@ -217,6 +315,42 @@ class TrainerBase:
             raise CheckpointError(
                 f"{state_file}: the run was started with different settings ({', '.join(diffs)}); "
                 "use the same options to resume, or a new --out")
+        return old
+
+    def _log_changes(self) -> None:
+        old = self._resumed_from
+        changed = {k: [getattr(old, k), getattr(self.cfg, k)] for k in _LOGGED_CHANGES
+                   if old is not None and getattr(old, k) != getattr(self.cfg, k)}
+        if changed and self.rank == 0:
+            append_line(self.out / "log.jsonl", json.dumps({"step": self.step, "changed": changed,
+                                                            "time": time.time()}))
+
+    def _check_memory(self) -> None:
+        need = estimate_train_bytes(self.net_cfg, self.data.shape, self.cfg.batch_size // self.world)
+        have = physical_memory_bytes()
+        if need > have:
+            raise ValueError(f"--net-param/--batch-size: training this network needs at least {need / 2**30:.0f} GiB "
+                             f"(batch {self.cfg.batch_size}) and this machine has {have / 2**30:.0f} GiB; use a "
+                             "smaller network (channels, hidden, depth) or --batch-size")
+
+    def _init_from(self, source: str) -> None:
+        """A new run that starts from a trained model: raw and EMA weights from its model file,
+        a fresh optimizer, step 0. Recorded in the run's config (train.init_from) and log."""
+        path = resolve_model_file(source)
+        weights, _ = read_tensors(path)
+        state = self._backend_state()
+        for key in [k for k in state if k.startswith(("raw/", "ema/"))]:
+            name = key.split("/", 1)[1]
+            if name not in weights:
+                raise CheckpointError(f"--init-from {path}: no weight {name!r}; it was trained with another "
+                                      "network (use the same --net and --net-param)")
+            if tuple(weights[name].shape) != tuple(state[key].shape):
+                raise CheckpointError(f"--init-from {path}: {name} has shape {tuple(weights[name].shape)}, this "
+                                      f"network expects {tuple(state[key].shape)} (use the same --net and --net-param)")
+            state[key] = weights[name].astype(state[key].dtype)
+        self._backend_load_state(state)
+        if self.rank == 0:
+            append_line(self.out / "log.jsonl", json.dumps({"step": 0, "init_from": str(path), "time": time.time()}))
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -236,6 +370,7 @@ class TrainerBase:
         if self.rank != 0:
             return
         state = self._backend_state()
+        self._check_state_sane(state)
         config = {**self.model_config, "step": self.step, "train_seconds": round(self.train_seconds, 3)}
         write_tensors(self.out / STATE_FILE, state, config)
         ema = {k[len("ema/"):]: v for k, v in state.items() if k.startswith("ema/")}
@@ -244,9 +379,28 @@ class TrainerBase:
         if self._since_save:  # one line per save: the loss curve of the run
             record = {"step": self.step, "loss": float(np.mean(self._since_save)),
                       "train_seconds": round(self.train_seconds, 3), "time": time.time()}
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.out / "log.jsonl", json.dumps(record))
             self._since_save = []
+
+    def _check_state_sane(self, state: dict[str, np.ndarray]) -> None:
+        """A state with non-finite or exploded weights is never saved: the last good checkpoint
+        stays. (The loss can stay finite for a step or two after the weights blew up.)"""
+        for key, value in state.items():
+            if not key.startswith(("raw/", "ema/")) or value.dtype.kind != "f":
+                continue
+            peak = float(np.max(np.abs(value))) if value.size else 0.0
+            if not math.isfinite(peak) or peak > MAX_WEIGHT:
+                raise TrainingDiverged(f"weights diverged by step {self.step} ({key} reaches {peak:.3g}); "
+                                       + self._divergence_advice())
+
+    def _divergence_advice(self) -> str:
+        has_state = (self.out / STATE_FILE).exists()
+        lower = f"--lr {min(self.cfg.lr / 10, 2e-4):.3g}"
+        if has_state:
+            step = read_config(self.out / STATE_FILE).get("step", 0)
+            return (f"{self.out} keeps the checkpoint of step {step}; resume from it with a lower learning rate: "
+                    f"hold-mlx train --out {self.out} {lower}")
+        return f"nothing was saved; start again with a lower learning rate ({lower}) or a longer --warmup"
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -281,9 +435,7 @@ class TrainerBase:
                 batch = self.batch(self.step)
                 value = float(self._backend_step(batch))
                 if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"loss is {value} at step {self.step + 1}; {self.out} keeps the checkpoint of step "
-                        f"{last_good}. Lower --lr or raise --warmup, then resume")
+                    raise TrainingDiverged(f"loss is {value} at step {self.step + 1}; " + self._divergence_advice())
                 self.step += 1
                 elapsed = time.perf_counter() - start
                 self.train_seconds += elapsed
@@ -299,6 +451,7 @@ class TrainerBase:
                 yield info
         if stop["now"]:
             self.interrupted = True
+            self.stop_signal = stop.get("signal")
             if self.step > last_good:
                 self.save()
 
@@ -312,6 +465,7 @@ class _graceful_stop:
 
     def _handler(self, signum, frame):
         self.flag["now"] = True
+        self.flag["signal"] = signum
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -273,7 +273,18 @@ def test_shape_mismatches_are_rejected(exported, tmp_path):
         data = json.loads(props["hold_mlx.config.data"])
         props["hold_mlx.config.data"] = json.dumps({**data, "shape": [9, 9, 1]})
 
-    assert "graph input u is" in _sample_error(_reexport(model, tmp_path / "shape.onnx", other_shape))
+    # The config schema catches a data shape the network config does not fit ...
+    assert "does not fit images of shape [9, 9, 1]" in _sample_error(
+        _reexport(model, tmp_path / "shape9.onnx", other_shape))
+
+    def consistent_but_not_the_graph(props, m):
+        data, net = json.loads(props["hold_mlx.config.data"]), json.loads(props["hold_mlx.config.net"])
+        props["hold_mlx.config.data"] = json.dumps({**data, "shape": [16, 16, 1]})
+        props["hold_mlx.config.net"] = json.dumps({**net, "image_size": 16})
+
+    # ... and the graph check one that the config agrees with but the graph does not.
+    assert "graph input u is" in _sample_error(
+        _reexport(model, tmp_path / "shape.onnx", consistent_but_not_the_graph))
 
     score_fn = load(model, "onnx", threads=1)
     t = np.full(2, 0.5, np.float32)

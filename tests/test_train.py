@@ -85,10 +85,12 @@ def test_hard_kill_resumes_from_last_save_bitwise(tmp_path):
 def test_resume_with_different_settings_is_refused(tmp_path, tiny_run):
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
-    with pytest.raises(CheckpointError, match="different settings.*lr"):
-        trainer(tiny_config(lr=1e-2), out)
+    with pytest.raises(CheckpointError, match="different settings.*weighting"):
+        trainer(tiny_config(weighting="likelihood"), out)
     more = trainer(tiny_config(steps=6), out)  # a larger budget is allowed
     assert more.step == 4
+    slower = trainer(tiny_config(steps=6, lr=1e-4), out)  # so is a lower learning rate (after divergence)
+    assert slower.step == 4 and '"changed": {"lr": [0.0002, 0.0001]}' in (out / "log.jsonl").read_text()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
