@@ -576,10 +576,11 @@ def test_default_network_follows_the_data(tmp_path, points_file):
 def test_python_api_names_wrong_shape_and_backend():
     import hold_mlx
 
-    model, sde, _ = hold_mlx.load()
+    model = hold_mlx.load()
+    sde = model.sde
     with pytest.raises(ValueError, match=r"shape \(2, 8, 8, 1\).*\(28, 28, 1\)"):
         hold_mlx.sample(sde, model, (2, 8, 8, 1), steps=2)
-    with pytest.raises(ValueError, match="backend 'torch'.*backend='mlx'"):
+    with pytest.raises(ValueError, match="mlx arrays but backend='torch'.*backend='mlx'"):
         hold_mlx.sample(sde, model, (2, 28, 28, 1), steps=2, backend="torch")
     with pytest.raises(ValueError, match="shape must be"):
         hold_mlx.sample(sde, model, (0, 28, 28, 1), steps=2)
@@ -588,8 +589,9 @@ def test_python_api_names_wrong_shape_and_backend():
 def test_nan_scores_are_refused_not_written(tmp_path, tiny_points_run, monkeypatch):
     import hold_mlx.model as model_module
 
-    real_call = model_module.ScoreModel.__call__
-    monkeypatch.setattr(model_module.ScoreModel, "__call__", lambda self, u, t: real_call(self, u, t) * float("nan"))
+    real_call = model_module.Model.__call__
+    monkeypatch.setattr(model_module.Model, "__call__",
+                        lambda self, u, t, labels=None: real_call(self, u, t, labels) * float("nan"))
     out = tmp_path / "s.png"
     assert_clean_error(cli("sample", "--checkpoint", tiny_points_run, "--steps", "2", "--n", "8", "--out", out),
                        "NaN or Inf", "nothing was written")
