@@ -2,11 +2,12 @@
 
 The graph computes alpha(u, t), the network output, for a channels-last extended state u
 (B, ..., n*C) and forward times t (B,); a class-conditional model's graph also takes int64
-labels (B,) (the class count "num_classes" in the net section of the metadata is "no label"). ``hold_mlx.load("model.onnx", backend="onnx")`` wraps it
-in the same ``Model`` as MLX and torch: the score a(t) alpha + b(t) u_n is assembled by
-``hold_mlx.parameterisation.ScoreParameterisation`` in float64 from the SDE stored in the file's
-metadata (one source of truth for the math; see docs/onnx.md). Everything a deployment needs is in
-the .onnx file's metadata_props (``onnx_metadata``).
+labels (B,) (the label equal to the net section's "num_classes" is "no label").
+``hold_mlx.load("model.onnx", backend="onnx")`` wraps it in the same ``Model`` as MLX and torch:
+the score a(t) alpha + b(t) u_n is assembled by ``hold_mlx.parameterisation.ScoreParameterisation``
+in float64 from the SDE stored in the file's metadata (one source of truth for the math; see
+docs/onnx.md). Everything a deployment needs is in the .onnx file's metadata_props
+(``onnx_metadata``).
 """
 
 from __future__ import annotations

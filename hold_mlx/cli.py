@@ -217,16 +217,22 @@ _TRAIN_OPTION_FIELDS = {
 
 
 def _preview(trainer, step: int) -> str:
-    """A 6x6 grid (or scatter plot) from the EMA weights, written into the run folder."""
+    """A 6x6 grid (or scatter plot) from the EMA weights, written into the run folder; a
+    class-conditional model: one row of 6 per class (the first 10 classes), default guidance."""
     from .data import to_user_units
     from .images import save_samples_png
 
     model = trainer.ema_score_model()
     n = 36 if trainer.data.kind == "image" else 2000
-    drawn = model.sample(n, batch_size=n, steps=trainer.cfg.sample_steps, seed=trainer.cfg.seed)
+    labels, ncols = None, None
+    if model.num_classes and trainer.data.kind == "image":  # one row per class (at most 10), guided
+        ncols = 6
+        labels = np.repeat(np.arange(min(model.num_classes, 10)), ncols)
+        n = len(labels)
+    drawn = model.sample(n, batch_size=n, steps=trainer.cfg.sample_steps, seed=trainer.cfg.seed, labels=labels)
     samples = to_user_units(drawn.x, trainer.data.config())
     path = trainer.out / f"samples_{step:07d}.png"
-    save_samples_png(path, samples, trainer.data.kind)
+    save_samples_png(path, samples, trainer.data.kind, ncols=ncols)
     return str(path)
 
 

@@ -1,10 +1,10 @@
 """MLX score networks: a DDPM++-style U-Net for images (NHWC) and an MLP for points in R^d.
 
-Both map (u, t) -> alpha (a class-conditional net: (u, t, label) -> alpha), shaped like one data block; u holds the n blocks of the extended state
-side by side on the last axis. The architecture (which layers, their checkpoint names, how they
-are wired) is ``hold_mlx.netplan``; this file builds and runs one layer of each kind in MLX, as the
-torch mirror in export/ does in torch (only conv weights change layout: MLX O,kH,kW,I vs torch
-O,I,kH,kW).
+Both map (u, t) -> alpha (a class-conditional net: (u, t, label) -> alpha), shaped like one
+data block; u holds the n blocks of the extended state side by side on the last axis. The
+architecture (which layers, their checkpoint names, how they are wired) is ``hold_mlx.netplan``;
+this file builds and runs one layer of each kind in MLX, as the torch mirror in export/ does in
+torch (only conv weights change layout: MLX O,kH,kW,I vs torch O,I,kH,kW).
 """
 
 from __future__ import annotations

@@ -247,6 +247,32 @@ def test_conditional_training_needs_labels_and_records_the_classes(tmp_path):
     assert config["train"]["conditional"] and config["train"]["label_dropout"] == 0.3
 
 
+def test_conditional_run_moves_between_torch_and_mlx_and_previews_rows_per_class(tmp_path):
+    """A conditional run started by the torch trainer resumes on MLX (same labels per step, same
+    weight keys); the CLI's preview draws one row per class."""
+    pytest.importorskip("torch")
+    from PIL import Image
+
+    from hold_export.torch_train import TorchTrainer
+    from hold_mlx.checkpoint import MODEL_FILE, read_tensors
+    from hold_mlx.cli import _preview
+    from hold_mlx.train import Trainer
+
+    cfg = tiny_config(conditional=True, steps=2, save_every=2, backend="torch")
+    torch_trainer = TorchTrainer(cfg, tmp_path / "run")
+    for _ in torch_trainer.run():
+        pass
+    mlx_trainer = Trainer(tiny_config(conditional=True, steps=4, save_every=2), tmp_path / "run")
+    assert mlx_trainer.step == 2
+    assert np.array_equal(mlx_trainer.batch(3).labels, torch_trainer.batch(3).labels)
+    for _ in mlx_trainer.run():
+        pass
+    tensors, config = read_tensors(tmp_path / "run" / MODEL_FILE)
+    assert config["step"] == 4 and tensors["label_emb.weight"].shape == (11, 64)
+    preview = Image.open(_preview(mlx_trainer, 4))
+    assert preview.size == (2 * (6 * 10 + 2), 2 * (10 * 10 + 2))  # 10 rows of 6 tiles of 8 + 2 pixels
+
+
 def test_conditional_resume_is_bitwise(tmp_path):
     from hold_mlx.checkpoint import MODEL_FILE, read_tensors
     from hold_mlx.train import Trainer
@@ -353,3 +379,16 @@ def test_guidance_sweep_tool_on_a_tiny_fashion_mnist_model(tmp_path):
     assert result["ceiling"]["mean"] > 0.8  # the shipped classifier on real test images
     png = sweep.plot(result["summary"], tmp_path / "sweep.png", result["ceiling"]["mean"])
     assert png.stat().st_size > 1000
+
+
+def test_shipped_unconditional_checkpoints_load_as_before():
+    """Checkpoints written before labels existed have no num_classes: they load unconditional,
+    with no label embedding, and refuse classes with a clear message."""
+    path = REPO / "weights" / "8gaussians-hold"
+    config = read_config(path)
+    assert "num_classes" not in config["net"] and "classes" not in config["data"]
+    model = load(path, "mlx")
+    assert model.num_classes == 0 and model.class_names == []
+    assert not any(k.startswith("label_emb") for k in flat_params(model.net.parameters()))
+    with pytest.raises(ValueError, match="unconditional"):
+        model.class_index("mode 0")
