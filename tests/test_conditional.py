@@ -121,9 +121,9 @@ def test_labels_follow_the_sample_index_not_the_batch(cond_ckpt):
     a = model.sample(7, steps=5, batch_size=7, seed=2, labels=labels, guidance=1.5)
     b = model.sample(7, steps=5, batch_size=3, seed=2, labels=labels, guidance=1.5)
     assert np.array_equal(a.labels, labels) and a.guidance == 1.5
-    assert np.abs(a.x - b.x).max() < 1e-5
+    assert np.abs(a.x - b.x).max() < 1e-4  # float rounding of other batch shapes (~1e-5 at |x| ~ 5)
     c = model.sample(7, steps=5, batch_size=7, seed=2, labels="ant", guidance=1.5)
-    assert np.abs(a.x[1] - c.x[1]).max() < 1e-5 and np.abs(a.x[0] - c.x[0]).max() > 1e-3
+    assert np.abs(a.x[1] - c.x[1]).max() < 1e-4 and np.abs(a.x[0] - c.x[0]).max() > 1e-2
     assert model.sample(2, steps=3, labels="ant").guidance == DEFAULT_GUIDANCE
 
 
