@@ -89,4 +89,5 @@ LAYER_FLOPS = {
     # the resampling convs are 3x3, counted at their output size (stride 2 / after the 2x upsampling)
     "downsample": lambda layer, plan: Counter(conv=_conv(layer.c_in, layer.c_out, layer.size_out)),
     "upsample": lambda layer, plan: Counter(conv=_conv(layer.c_in, layer.c_out, layer.size_out)),
+    "embedding": lambda layer, plan: Counter(),  # a row lookup
 }

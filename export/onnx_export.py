@@ -1,7 +1,9 @@
 """Export a checkpoint's score network to one self-contained .onnx file, checked against torch.
 
 The graph is (u, t) -> alpha: u the channels-last extended state (B, ..., n*C), t the forward
-times (B,), alpha the network output (B, ..., C), with a dynamic batch axis. The NCHW transposes
+times (B,), alpha the network output (B, ..., C), with a dynamic batch axis; a class-conditional
+model's graph is (u, t, labels) -> alpha, labels int64 (B,) (num_classes: "no label"), and its
+class names travel in the metadata (the data section, and ``hold_mlx.classes``). The NCHW transposes
 live inside the graph, so the samplers hand over their NumPy state as it is (onnxruntime folds
 the transposes into its own conv layout). The score is NOT in the graph: its coefficients a(t),
 b(t) need expm and a Cholesky factor in float64, which ``hold_export.onnx_runtime`` computes with
@@ -65,6 +67,34 @@ class ChannelsLast(torch.nn.Module):
         return self.net(u.permute(0, 3, 1, 2), t).permute(0, 2, 3, 1)
 
 
+class ChannelsLastLabelled(torch.nn.Module):
+    """A class-conditional U-Net with the samplers' layout at its boundary: (u NHWC, t, labels)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, u, t, labels):
+        return self.net(u.permute(0, 3, 1, 2), t, labels).permute(0, 2, 3, 1)
+
+
+class Labelled(torch.nn.Module):
+    """A class-conditional MLP: (u, t, labels) -> alpha."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, u, t, labels):
+        return self.net(u, t, labels)
+
+
+def _random_labels(config: dict, batch: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Labels for a conditional model's checks, "no label" included; None when unconditional."""
+    classes = int(config["net"].get("num_classes", 0))
+    return rng.integers(0, classes + 1, batch).astype(np.int64) if classes else None
+
+
 def _random_inputs(sde, state_shape: tuple[int, ...], batch: int, rng: np.random.Generator):
     """u ~ N(0, 1) and t log-uniform on [eps_sample, T] (log t feeds the time embedding)."""
     u = rng.standard_normal((batch, *state_shape)).astype(np.float32)
@@ -114,8 +144,8 @@ class HalfPrecision(torch.nn.Module):
         self.net = copy.deepcopy(net).half()
         self.net.time_features = _Fp16Features(copy.deepcopy(fourier).float())
 
-    def forward(self, u, t):
-        return self.net(u.half(), t).float()
+    def forward(self, u, t, labels=None):
+        return self.net(u.half(), t, *(() if labels is None else (labels,))).float()
 
 
 class _Fp16Features(torch.nn.Module):
@@ -146,14 +176,21 @@ def export_onnx(checkpoint=None, out="model.onnx", *, opset: int | None = None, 
     torch_model = load(source, "torch", device="cpu")
     sde, config = torch_model.sde, torch_model.config
     net = HalfPrecision(torch_model.net) if fp16 else torch_model.net
-    module = (ChannelsLast(net) if config["net"]["kind"] == "unet" else net).eval()
+    conditional = bool(config["net"].get("num_classes", 0))
+    if conditional:
+        module = (ChannelsLastLabelled(net) if config["net"]["kind"] == "unet" else Labelled(net)).eval()
+    else:
+        module = (ChannelsLast(net) if config["net"]["kind"] == "unet" else net).eval()
     data_shape = tuple(int(s) for s in config["data"]["shape"])
     state_shape = data_shape[:-1] + (sde.order * data_shape[-1],)
     rng = np.random.default_rng(seed)
 
     u, t = _random_inputs(sde, state_shape, 2, rng)  # batch >= 2: the exporter keeps axis 0 dynamic
+    example, names = (torch.from_numpy(u), torch.from_numpy(t)), ["u", "t"]
+    if conditional:
+        example, names = (*example, torch.from_numpy(_random_labels(config, 2, rng))), [*names, "labels"]
     with torch.no_grad():
-        model = export_graph(module, (torch.from_numpy(u), torch.from_numpy(t)), ["u", "t"], ["alpha"], opset=opset)
+        model = export_graph(module, example, names, ["alpha"], opset=opset)
     precision = "fp16" if fp16 else "fp32"
     opset_used = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     graph = GraphInfo(precision=precision, opset=int(opset_used))
@@ -187,9 +224,11 @@ def check_against_torch(data: bytes, torch_model, sde, state_shape, batches, pre
     errors = {}
     for batch in batches:
         u, t = _random_inputs(sde, state_shape, batch, rng)
+        labels = _random_labels(config, batch, rng)
         with torch.no_grad():
-            ref = torch_model.alpha(torch.from_numpy(u), torch.from_numpy(t)).numpy()
-        got = ort_network(u, t)
+            ref = torch_model.alpha(torch.from_numpy(u), torch.from_numpy(t),
+                                    None if labels is None else torch.from_numpy(labels)).numpy()
+        got = ort_network(u, t, labels)
         if got.shape != ref.shape:
             raise OnnxExportError(f"onnxruntime returned shape {got.shape} at batch {batch}, torch {ref.shape}; "
                                   f"{out} was not written")

@@ -1,11 +1,13 @@
 """Sampling from an exported .onnx file with onnxruntime and NumPy alone (no torch, no MLX).
 
 The graph computes alpha(u, t), the network output, for a channels-last extended state u
-(B, ..., n*C) and forward times t (B,). ``hold_mlx.load("model.onnx", backend="onnx")`` wraps it
-in the same ``Model`` as MLX and torch: the score a(t) alpha + b(t) u_n is assembled by
-``hold_mlx.parameterisation.ScoreParameterisation`` in float64 from the SDE stored in the file's
-metadata (one source of truth for the math; see docs/onnx.md). Everything a deployment needs is in
-the .onnx file's metadata_props (``onnx_metadata``).
+(B, ..., n*C) and forward times t (B,); a class-conditional model's graph also takes int64
+labels (B,) (the label equal to the net section's "num_classes" is "no label").
+``hold_mlx.load("model.onnx", backend="onnx")`` wraps it in the same ``Model`` as MLX and torch:
+the score a(t) alpha + b(t) u_n is assembled by ``hold_mlx.parameterisation.ScoreParameterisation``
+in float64 from the SDE stored in the file's metadata (one source of truth for the math; see
+docs/onnx.md). Everything a deployment needs is in the .onnx file's metadata_props
+(``onnx_metadata``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from hold_mlx.checkpoint import CheckpointError, validate_config
 
-__all__ = ["ONNX_FORMAT", "CONFIG_PREFIX", "GRAPH_KEY", "GraphInfo", "OnnxNetwork", "open_onnx_network",
+__all__ = ["ONNX_FORMAT", "CONFIG_PREFIX", "GRAPH_KEY", "CLASSES_KEY", "GraphInfo", "OnnxNetwork", "open_onnx_network",
            "make_session", "onnx_metadata", "OPT_LEVELS"]
 
 #: Version of the graph contract (inputs u, t; output alpha; metadata keys below).
@@ -26,6 +28,8 @@ ONNX_FORMAT = 1
 #: metadata_props keys: one JSON value per section of the checkpoint config, plus the graph's own.
 CONFIG_PREFIX = "hold_mlx.config."
 GRAPH_KEY = "hold_mlx.graph"
+#: A class-conditional model's class names (JSON list), for deployments that read no config.
+CLASSES_KEY = "hold_mlx.classes"
 
 #: onnxruntime graph optimisation levels by name (docs/onnx.md has the measurements).
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -49,6 +53,9 @@ def onnx_metadata(config: dict, graph: GraphInfo) -> dict[str, str]:
     """The metadata_props an exported model carries: each config section as JSON, and the graph."""
     props = {CONFIG_PREFIX + key: json.dumps(value, sort_keys=True) for key, value in config.items()}
     props[GRAPH_KEY] = graph.to_json()
+    if config.get("net", {}).get("num_classes"):
+        classes = config["data"].get("classes") or [str(i) for i in range(int(config["net"]["num_classes"]))]
+        props[CLASSES_KEY] = json.dumps(list(classes))
     return props
 
 
@@ -131,12 +138,14 @@ class OnnxNetwork:
         self.order = int(config["net"]["order"])
         data_shape = tuple(int(s) for s in config["data"]["shape"])
         self.state_shape = data_shape[:-1] + (self.order * data_shape[-1],)
+        self.num_classes = int(config["net"].get("num_classes", 0))
         self._check_graph_inputs()
 
     def _check_graph_inputs(self) -> None:
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
-        if set(inputs) != {"u", "t"}:
-            raise CheckpointError(f"{self.source}: graph inputs {sorted(inputs)}, expected ['t', 'u']; "
+        expected = {"u", "t", "labels"} if self.num_classes else {"u", "t"}
+        if set(inputs) != expected:
+            raise CheckpointError(f"{self.source}: graph inputs {sorted(inputs)}, expected {sorted(expected)}; "
                                   "re-export the model with hold-mlx export")
         declared = tuple(inputs["u"][1:])
         if declared != self.state_shape:
@@ -153,11 +162,19 @@ class OnnxNetwork:
             raise ValueError(f"{self.source}: t has shape {tuple(t.shape)}, expected ({u.shape[0]},): "
                              "one time per sample of u")
 
-    def __call__(self, u, t) -> np.ndarray:
+    def __call__(self, u, t, labels=None) -> np.ndarray:
         u = np.ascontiguousarray(u, dtype=np.float32)
         t = np.ascontiguousarray(t, dtype=np.float32)
         self._check(u, t)
-        return self.session.run(None, {"u": u, "t": t})[0]
+        feed = {"u": u, "t": t}
+        if self.num_classes:  # no labels: the "no label" class, the unconditional model
+            labels = np.full(u.shape[0], self.num_classes) if labels is None else labels
+            feed["labels"] = np.ascontiguousarray(labels, dtype=np.int64)
+            if feed["labels"].shape != (u.shape[0],):
+                raise ValueError(f"{self.source}: labels have shape {feed['labels'].shape}, expected ({u.shape[0]},)")
+        elif labels is not None:
+            raise ValueError(f"{self.source}: this model is unconditional; it takes no class labels")
+        return self.session.run(None, feed)[0]
 
 
 def open_onnx_network(path, threads: int | None = None, *, optimization: str = "all", sequential: bool = True,

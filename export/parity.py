@@ -19,7 +19,8 @@ from hold_mlx.netconfig import NetConfig
 from .torch_model import apply_channels_last, checkpoint_tensors, load_weights
 from .torch_nets import build_net
 
-__all__ = ["one_torch_thread", "random_checkpoint_tensors", "random_checkpoint_config", "network_inputs", "torch_alpha",
+__all__ = ["one_torch_thread", "random_checkpoint_tensors", "random_checkpoint_config", "network_inputs",
+           "network_labels", "torch_alpha",
            "mlx_alpha", "network_parity", "weight_gap_in_steps", "differing_tensors"]
 
 
@@ -48,6 +49,8 @@ def random_checkpoint_tensors(cfg: NetConfig, seed: int = 0) -> dict[str, np.nda
         shape = tuple(value.shape)
         if key.endswith("time_features.W"):
             w = rng.standard_normal(shape) * cfg.fourier_scale
+        elif key.endswith("label_emb.weight"):  # a lookup table: rows of the time embedding's size
+            w = rng.standard_normal(shape)
         elif len(shape) >= 2:
             w = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
         elif key in norm_scales:
@@ -78,17 +81,26 @@ def network_inputs(cfg: NetConfig, batch: int, seed: int = 0) -> tuple[np.ndarra
     return rng.standard_normal(shape).astype(np.float32), t.astype(np.float32)
 
 
+def network_labels(cfg: NetConfig, batch: int, seed: int = 0) -> np.ndarray | None:
+    """Labels for a class-conditional ``cfg`` (every class and "no label" drawn), None otherwise."""
+    if not cfg.num_classes:
+        return None
+    return np.random.default_rng([seed, 17]).integers(0, cfg.num_classes + 1, batch).astype(np.int64)
+
+
 def torch_alpha(cfg: NetConfig, tensors: dict[str, np.ndarray], u: np.ndarray, t: np.ndarray,
-                device="cpu") -> np.ndarray:
+                device="cpu", labels: np.ndarray | None = None) -> np.ndarray:
     net = build_net(cfg)
     load_weights(net, tensors)
     net = net.to(device).eval()
     with torch.no_grad():
-        out = apply_channels_last(net, torch.from_numpy(u).to(device), torch.from_numpy(t).to(device))
+        out = apply_channels_last(net, torch.from_numpy(u).to(device), torch.from_numpy(t).to(device),
+                                  labels=None if labels is None else torch.from_numpy(labels).to(device))
     return out.float().cpu().numpy()
 
 
-def mlx_alpha(cfg: NetConfig, tensors: dict[str, np.ndarray], u: np.ndarray, t: np.ndarray) -> np.ndarray:
+def mlx_alpha(cfg: NetConfig, tensors: dict[str, np.ndarray], u: np.ndarray, t: np.ndarray,
+              labels: np.ndarray | None = None) -> np.ndarray:
     from hold_mlx._mlx import mx
     from hold_mlx.model import set_flat_params
     from hold_mlx.nets import build_net as build_mlx_net
@@ -96,7 +108,8 @@ def mlx_alpha(cfg: NetConfig, tensors: dict[str, np.ndarray], u: np.ndarray, t: 
     net = build_mlx_net(cfg)
     set_flat_params(net, tensors)
     net.eval()
-    return np.array(net(mx.array(u), mx.array(t)))
+    extra = () if labels is None else (mx.array(labels.astype(np.int32)),)
+    return np.array(net(mx.array(u), mx.array(t), *extra))
 
 
 def network_parity(cfg: NetConfig, batch_sizes=(1, 3, 8), seed: int = 0, device="cpu") -> dict[int, float]:
@@ -105,8 +118,9 @@ def network_parity(cfg: NetConfig, batch_sizes=(1, 3, 8), seed: int = 0, device=
     out = {}
     for b in batch_sizes:
         u, t = network_inputs(cfg, b, seed + b)
-        ref = mlx_alpha(cfg, tensors, u, t)
-        out[b] = float(np.abs(ref - torch_alpha(cfg, tensors, u, t, device)).max() / np.abs(ref).max())
+        labels = network_labels(cfg, b, seed + b)
+        ref = mlx_alpha(cfg, tensors, u, t, labels)
+        out[b] = float(np.abs(ref - torch_alpha(cfg, tensors, u, t, device, labels)).max() / np.abs(ref).max())
     return out
 
 

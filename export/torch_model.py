@@ -47,12 +47,14 @@ def checkpoint_tensors(net: torch.nn.Module) -> dict[str, np.ndarray]:
     return torch_to_checkpoint(state, conv_weight_keys(net))
 
 
-def apply_channels_last(net: torch.nn.Module, u, t, *, memory_format=torch.channels_last):
+def apply_channels_last(net: torch.nn.Module, u, t, *, labels=None, memory_format=torch.channels_last):
     """``net`` on channels-last data: u (B, H, W, n*C) -> alpha (B, H, W, C); points pass through.
 
     The NCHW view of an NHWC tensor is exactly torch's channels_last memory format, so images go
     in without a copy; ``memory_format=torch.contiguous_format`` copies them to plain NCHW first
-    (for a network whose weights are not channels_last)."""
+    (for a network whose weights are not channels_last). ``labels``: a class-conditional net's
+    int64 labels (B,), passed on only when given."""
+    extra = () if labels is None else (labels,)
     if u.ndim != 4:
-        return net(u, t)
-    return net(u.permute(0, 3, 1, 2).contiguous(memory_format=memory_format), t).permute(0, 2, 3, 1)
+        return net(u, t, *extra)
+    return net(u.permute(0, 3, 1, 2).contiguous(memory_format=memory_format), t, *extra).permute(0, 2, 3, 1)

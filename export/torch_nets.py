@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hold_mlx.netconfig import NetConfig
-from hold_mlx.netplan import Layer, embed, find_layer, module_args, net_plan, place_layer, run_body
+from hold_mlx.netplan import Layer, embed, find_layer, module_args, net_labels, net_plan, place_layer, run_body
 
 __all__ = ["PlannedNet", "UNet", "MLP", "build_net"]
 
@@ -110,7 +110,7 @@ class Upsample(nn.Module):
 
 #: The torch module of each ``hold_mlx.netplan`` layer kind, built with ``netplan.module_args``.
 MODULES = {"fourier": FourierTime, "linear": nn.Linear, "conv": nn.Conv2d, "norm_silu": _norm, "resblock": ResBlock,
-           "attention": Attention, "downsample": Downsample, "upsample": Upsample}
+           "attention": Attention, "downsample": Downsample, "upsample": Upsample, "embedding": nn.Embedding}
 
 
 def _concat_channels(h, skip):
@@ -138,11 +138,17 @@ class PlannedNet(nn.Module):
             return F.silu(module(x))
         return module(F.silu(x) if layer.act_in else x)
 
-    def embed_time(self, t):
-        return embed(self.plan, self.run_layer, {"t": t})
+    def embed_time(self, t, label=None):
+        """The embedding of times t (and labels, for a class-conditional net)."""
+        return embed(self.plan, self.run_layer, {"t": t, "label": label})
 
-    def forward(self, u, t):
-        return run_body(self.plan, self.run_layer, _concat_channels, u, fp32_time_embedding(self.embed_time, t))
+    def forward(self, u, t, label=None):
+        """alpha(u, t); a class-conditional net also takes int64 labels (B,) (None: the "no label"
+        class for every sample, the unconditional model)."""
+        label = net_labels(self.cfg, label, t.shape[0],
+                           lambda shape, value: torch.full(shape, value, dtype=torch.long, device=t.device))
+        return run_body(self.plan, self.run_layer, _concat_channels, u,
+                        fp32_time_embedding(lambda t: self.embed_time(t, label), t))
 
 
 class UNet(PlannedNet):

@@ -48,17 +48,18 @@ def _seed(parts, stream: int) -> int:
 
 
 def score_matching_loss(net, x0, eps, t, mean, chol, mixed, weight, *, amp_dtype=None,
-                        memory_format=torch.contiguous_format):
+                        memory_format=torch.contiguous_format, labels=None):
     """Block-coordinate score matching on the last block (``ScoreParameterisation.weighted_errors``),
     in fp32.
 
     x0 (b, *data_shape) channels-last data, eps (n, b, *data_shape) standard normal noise, t / mixed
-    / weight (b,), mean (b, n), chol (b, n, n). Only the network runs under autocast."""
+    / weight (b,), mean (b, n), chol (b, n, n), labels (b,) int64 for a class-conditional net.
+    Only the network runs under autocast."""
 
     def network(u, t):
         with torch.autocast(device_type=x0.device.type, dtype=amp_dtype or torch.bfloat16,
                             enabled=amp_dtype is not None):
-            return apply_channels_last(net, u, t, memory_format=memory_format).float()
+            return apply_channels_last(net, u, t, labels=labels, memory_format=memory_format).float()
 
     eps_blocks = [eps[i] for i in range(eps.shape[0])]
     return ScoreParameterisation.weighted_errors(network, TorchBackend(x0.device), x0, eps_blocks, t, mean, chol,
@@ -153,7 +154,8 @@ class TorchTrainer(TrainerBase):
         loss = score_matching_loss(self.model, x0, eps, self._to_device(batch.t), self._to_device(batch.mean),
                                    self._to_device(batch.chol), self._to_device(batch.mixed),
                                    self._to_device(batch.weight), amp_dtype=self.amp_dtype,
-                                   memory_format=self.memory_format)
+                                   memory_format=self.memory_format,
+                                   labels=None if batch.labels is None else self._to_device(batch.labels))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.grad_clip > 0:

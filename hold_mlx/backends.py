@@ -37,7 +37,8 @@ class Backend:
 
     def load_network(self, path) -> tuple[object, Callable, dict]:
         """(network, network_fn, config) from a checkpoint: the framework's network object, its
-        output as a function of (u, t) on this backend's arrays, and the checkpoint config."""
+        output as a function of (u, t) on this backend's arrays (of (u, t, labels) too, for a
+        class-conditional network: labels from :meth:`asindex`), and the checkpoint config."""
         raise ValueError(f"the {self.name} backend runs a given score function; it cannot load a checkpoint")
 
     def inference(self):
@@ -50,6 +51,9 @@ class Backend:
         raise NotImplementedError
 
     def to_numpy(self, x) -> np.ndarray:
+        raise NotImplementedError
+
+    def asindex(self, x: np.ndarray):  # numpy integers -> backend integer array (class labels)
         raise NotImplementedError
 
     def concat(self, xs: list):  # along the last axis
@@ -131,6 +135,9 @@ class NumpyBackend(Backend):
 
     def to_numpy(self, x):
         return np.asarray(x)
+
+    def asindex(self, x):
+        return np.asarray(x, dtype=np.int64)
 
     def concat(self, xs):
         return np.concatenate(xs, axis=-1)
@@ -217,14 +224,18 @@ class MLXBackend(Backend):
         mx = self.mx
         call = mx.compile(net.__call__, inputs=[net]) if compile else net.__call__
 
-        def network(u, t):
-            pieces = split_batch(call, u, t) if parallel else [call(u, t)]
+        def network(u, t, labels=None):
+            inputs = (u, t) if labels is None else (u, t, labels)
+            pieces = split_batch(call, *inputs) if parallel else [call(*inputs)]
             return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
 
         return network
 
     def asarray(self, x):
         return self.mx.array(np.asarray(x, dtype=np.float32))
+
+    def asindex(self, x):
+        return self.mx.array(np.asarray(x, dtype=np.int32))
 
     def to_numpy(self, x):
         return np.array(x)
@@ -321,10 +332,10 @@ class TorchBackend(Backend):
 
         torch = self.torch
 
-        def network(u, t):
+        def network(u, t, labels=None):
             with torch.autocast(device_type=u.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                 enabled=self.amp_dtype is not None):
-                return apply_channels_last(net, u, t.to(u.dtype)).to(u.dtype)
+                return apply_channels_last(net, u, t.to(u.dtype), labels=labels).to(u.dtype)
 
         return network
 
@@ -333,6 +344,9 @@ class TorchBackend(Backend):
 
     def asarray(self, x):
         return self.torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+
+    def asindex(self, x):
+        return self.torch.as_tensor(np.asarray(x, dtype=np.int64), device=self.device)
 
     def to_numpy(self, x):
         return x.detach().cpu().numpy()

@@ -153,8 +153,10 @@ def _check_out(path: Path, suffixes=(".png", ".npz")) -> Path:
     return path
 
 
-def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
-    """.npz: key ``samples`` (float32; images (N, H, W, C) in [0, 1]); .png: a grid or scatter."""
+def write_samples(path: Path, samples_user: np.ndarray, kind: str, labels: np.ndarray | None = None,
+                  ncols: int | None = None) -> None:
+    """.npz: key ``samples`` (float32; images (N, H, W, C) in [0, 1]) and, for a class-conditional
+    draw, ``labels`` (int64 (N,)); .png: a grid (``ncols`` columns) or scatter."""
     from .checkpoint import atomic_write
     from .images import save_samples_png
 
@@ -162,10 +164,25 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
         import io
 
         buffer = io.BytesIO()
-        np.savez(buffer, samples=samples_user.astype(np.float32))
+        extra = {} if labels is None else {"labels": np.asarray(labels, np.int64)}
+        np.savez(buffer, samples=samples_user.astype(np.float32), **extra)
         atomic_write(path, buffer.getvalue())
     else:
-        save_samples_png(path, samples_user, kind)
+        save_samples_png(path, samples_user, kind, ncols=ncols)
+
+
+def class_labels(model, class_option: str | None, num: int) -> tuple[np.ndarray | None, int | None]:
+    """``--class`` -> (per-sample labels, grid columns): one class (name or index) for all ``num``
+    samples, or "all": one grid row per class with num // classes (at least 1) samples each."""
+    if class_option is None:
+        return None, None
+    if not model.num_classes:
+        raise click.UsageError("--class: this model is unconditional (trained without --conditional); "
+                               "sample it without --class and --guidance")
+    if class_option.strip().lower() == "all":
+        per_class = max(1, num // model.num_classes)
+        return np.repeat(np.arange(model.num_classes), per_class), per_class
+    return np.full(num, model.class_index(class_option.strip()), dtype=np.int64), None
 
 
 @main.command()
@@ -196,12 +213,19 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
               help="ams: step-size norms per sample (default; batch-independent) or averaged over the batch "
                    "(score_sde; use it for low-dimensional data).")
 @click.option("--no-denoise", is_flag=True, help="Skip the final noise-free denoising step.")
+@click.option("--class", "class_option", default=None, metavar="NAME|INDEX|all",
+              help="Class-conditional models: draw this class (a name such as 'Ankle boot', or an index); "
+                   "'all': one grid row per class, --n // classes samples each. Default: unconditional.")
+@click.option("--guidance", type=float, default=None, metavar="W",
+              help="Classifier-free guidance weight w with --class: score = (1 + w) s(u, t, class) - w s(u, t); "
+                   "each network call then evaluates the network on twice the batch. Default 1.0 "
+                   "(provisional), 0: the plain conditional model.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
               help=".png writes a grid (a scatter plot for 2-D data); .npz writes key 'samples', float32, "
-                   "images (N, H, W, C) in [0, 1].")
+                   "images (N, H, W, C) in [0, 1] (and 'labels' with --class).")
 @friendly_errors
 def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend, device, threads, noise,
-           substeps, snr, norms, no_denoise, out):
+           substeps, snr, norms, no_denoise, class_option, guidance, out):
     """Draw samples from a trained model with the reverse-time SDE (or ODE)."""
     from tqdm import tqdm
 
@@ -209,8 +233,14 @@ def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend
 
     out = _check_out(out)
     model = load(checkpoint, backend, device=device, threads=threads)
+    if guidance is not None and class_option is None:
+        raise click.UsageError("--guidance needs --class (a class name, index or 'all')")
+    labels, ncols = class_labels(model, class_option, num)
+    num = num if labels is None else len(labels)
     _check_sample_memory(model, num, batch_size)
     options = {"sampler": sampler, "steps": steps, "grid": time_grid, "noise": noise, "denoise": not no_denoise}
+    if labels is not None:
+        options.update(labels=labels, guidance=guidance)
     if substeps is not None:
         options["substeps"] = substeps
     if snr is not None:
@@ -223,8 +253,10 @@ def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend
               disable=None, leave=False) as bar:
         drawn = model.sample(num, batch_size=batch_size, seed=seed, callback=lambda *step: bar.update(1), **options)
     _check_finite_samples(drawn.x, checkpoint)
-    write_samples(out, drawn.user_units(), model.data_kind)
-    click.echo(f"wrote {num} samples to {out} ({sampler}, {drawn.nfe} network calls per batch, backend {backend})")
+    write_samples(out, drawn.user_units(), model.data_kind, drawn.labels, ncols)
+    conditioned = "" if labels is None else f", guidance {drawn.guidance:g}: each call runs the batch twice"
+    click.echo(f"wrote {num} samples to {out} ({sampler}, {drawn.nfe} network calls per batch{conditioned}, "
+               f"backend {backend})")
 
 
 # ----------------------------------------------------------------------------- train
@@ -250,21 +282,28 @@ _TRAIN_OPTION_FIELDS = {
     "grad_clip": "grad_clip", "ema_decay": "ema_decay", "weighting": "weighting", "mixed_score": "mixed_score",
     "hflip": "hflip", "seed": "seed", "save_every": "save_every", "sample_every": "sample_every",
     "sample_steps": "sample_steps", "compile": "compile", "backend": "backend", "device": "device", "amp": "amp",
-    "channels_last": "channels_last", "init_from": "init_from",
+    "channels_last": "channels_last", "init_from": "init_from", "conditional": "conditional",
+    "label_dropout": "label_dropout", "labels": "labels",
 }
 
 
 def _preview(trainer, step: int) -> str:
-    """A 6x6 grid (or scatter plot) from the EMA weights, written into the run folder."""
+    """A 6x6 grid (or scatter plot) from the EMA weights, written into the run folder; a
+    class-conditional model: one row of 6 per class (the first 10 classes), default guidance."""
     from .data import to_user_units
     from .images import save_samples_png
 
     model = trainer.ema_score_model()
     n = 36 if trainer.data.kind == "image" else 2000
-    drawn = model.sample(n, batch_size=n, steps=trainer.cfg.sample_steps, seed=trainer.cfg.seed)
+    labels, ncols = None, None
+    if model.num_classes and trainer.data.kind == "image":  # one row per class (at most 10), guided
+        ncols = 6
+        labels = np.repeat(np.arange(min(model.num_classes, 10)), ncols)
+        n = len(labels)
+    drawn = model.sample(n, batch_size=n, steps=trainer.cfg.sample_steps, seed=trainer.cfg.seed, labels=labels)
     samples = to_user_units(drawn.x, trainer.data.config())
     path = trainer.out / f"samples_{step:07d}.png"
-    save_samples_png(path, samples, trainer.data.kind)
+    save_samples_png(path, samples, trainer.data.kind, ncols=ncols)
     return str(path)
 
 
@@ -314,6 +353,12 @@ def _preview(trainer, step: int) -> str:
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="Start a new run from the weights of this run folder or .safetensors file (raw and EMA "
                    "weights; fresh optimizer, step 0), e.g. to fine-tune a finished model.")
+@click.option("--conditional", is_flag=True,
+              help="Class-conditional network (labels from the dataset; an image folder: one sub-folder per class).")
+@click.option("--label-dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
+              help="--conditional: probability of training a sample with 'no label' (for classifier-free guidance).")
+@click.option("--labels", type=click.Path(dir_okay=False), default=None,
+              help="A .npy file of integer class labels for a .npy file of points (one per point).")
 @click.pass_context
 @friendly_errors
 def train(ctx, out, order, sde_param, net_param, **options):

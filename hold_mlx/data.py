@@ -9,6 +9,11 @@ Specs: "fashion-mnist", "mnist" (IDX files; --data-dir, default the Debian packa
 ``cifar-10-batches-bin`` or python ``cifar-10-batches-py`` folder; python batches are read with an
 unpickler that only admits NumPy arrays), "checkerboard", "swiss-roll", "8gaussians", "rings"
 (2-D toys), a folder of images, or a ``.npy`` file of points (N, d).
+
+Class labels (``Dataset.labels``, ``Dataset.classes``): fashion-mnist, mnist, digits and cifar10
+carry theirs; an image folder whose images all lie in sub-folders is labelled by them (the
+torchvision ImageFolder convention: the classes are the sorted sub-folder names); points take
+theirs from a second .npy file of integers (``labels=``).
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["Dataset", "DatasetError", "load_dataset", "DATASETS", "TOYS", "FASHION_MNIST_DIR",
-           "FASHION_MNIST_CLASSES"]
+           "FASHION_MNIST_CLASSES", "DIGIT_CLASSES", "CIFAR10_CLASSES", "load_labels"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
+DIGIT_CLASSES = tuple(str(i) for i in range(10))  # mnist and digits
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TOYS = ("checkerboard", "swiss-roll", "8gaussians", "rings")
 DATASETS = ("fashion-mnist", "mnist", "digits", "cifar10", *TOYS)
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -50,8 +57,18 @@ class Dataset:
     kind: str  # "image" | "points"
     shift: float | np.ndarray = 0.0
     scale: float | np.ndarray = 1.0
-    labels: np.ndarray | None = None
+    labels: np.ndarray | None = None  # int64 (N,) class of each example, 0 .. len(classes) - 1
+    classes: tuple[str, ...] | None = None  # the class names, when labelled
     source: str | None = None  # the file or folder it was read from (not a known dataset name)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The class names ("0", "1", ... when the data has labels but no names); () unlabelled."""
+        if self.labels is None:
+            return ()
+        if self.classes:
+            return tuple(self.classes)
+        return tuple(str(i) for i in range(int(self.labels.max()) + 1 if len(self.labels) else 0))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -74,17 +91,28 @@ class Dataset:
         """The batch of a training step: a function of (seed, step) only, so resuming at step k
         sees exactly the batches an uninterrupted run would. Epochs are seeded permutations; with
         ``world`` ranks, rank r takes its slice of the global batch."""
-        n = len(self.data)
-        per_epoch = max(n // batch_size, 1)
-        epoch, pos = divmod(step, per_epoch)
-        perm = np.random.default_rng([seed, epoch, 7]).permutation(n)
-        idx = np.resize(perm, (pos + 1) * batch_size)[pos * batch_size:(pos + 1) * batch_size]
+        idx = self.batch_indices(step, batch_size, seed)
         flip = np.random.default_rng([seed, step, 11]).random(batch_size) < 0.5  # drawn for the global batch
         mine = np.array_split(np.arange(batch_size), world)[rank]
         x = self.data[idx[mine]]
         if hflip and self.kind == "image":
             x = np.where(flip[mine, None, None, None], x[:, :, ::-1, :], x)
         return np.ascontiguousarray(x)
+
+    def batch_indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+        """The examples of a step's global batch (the seeded permutation of its epoch)."""
+        n = len(self.data)
+        per_epoch = max(n // batch_size, 1)
+        epoch, pos = divmod(step, per_epoch)
+        perm = np.random.default_rng([seed, epoch, 7]).permutation(n)
+        return np.resize(perm, (pos + 1) * batch_size)[pos * batch_size:(pos + 1) * batch_size]
+
+    def batch_labels(self, step: int, batch_size: int, seed: int, *, rank: int = 0, world: int = 1) -> np.ndarray:
+        """The labels of the examples :meth:`batch` returns for the same arguments."""
+        if self.labels is None:
+            raise DatasetError(f"{self.name}: the data has no class labels")
+        mine = np.array_split(np.arange(batch_size), world)[rank]
+        return np.ascontiguousarray(self.labels[self.batch_indices(step, batch_size, seed)[mine]], dtype=np.int64)
 
     def to_user(self, x: np.ndarray) -> np.ndarray:
         out = np.asarray(x, dtype=np.float32) * np.asarray(self.scale, np.float32) + np.asarray(self.shift, np.float32)
@@ -97,9 +125,9 @@ def to_user_units(x: np.ndarray, data_cfg: dict) -> np.ndarray:
     return np.clip(out, 0.0, 1.0) if data_cfg["kind"] == "image" else out
 
 
-def _images(name: str, uint8_nhwc: np.ndarray, labels=None) -> Dataset:
+def _images(name: str, uint8_nhwc: np.ndarray, labels=None, classes=None) -> Dataset:
     x = uint8_nhwc.astype(np.float32) / 127.5 - 1.0
-    return Dataset(name, x, "image", 0.5, 0.5, labels)
+    return Dataset(name, x, "image", 0.5, 0.5, labels, None if classes is None else tuple(classes))
 
 
 # ----------------------------------------------------------------------------- IDX (MNIST family)
@@ -151,7 +179,7 @@ def load_mnist_like(name: str, folder, split: str = "train") -> Dataset:
         raise DatasetError(f"{images}: expected (N, H, W) images, got shape {x.shape}")
     if y is not None and (y.ndim != 1 or len(y) != len(x)):
         raise DatasetError(f"{labels}: {y.shape} labels for {len(x)} images; reinstall the dataset")
-    return _images(name, x[..., None], y)
+    return _images(name, x[..., None], y, FASHION_MNIST_CLASSES if name == "fashion-mnist" else DIGIT_CLASSES)
 
 
 # ----------------------------------------------------------------------------- small built-ins
@@ -167,7 +195,7 @@ def load_digits_dataset(split: str = "train") -> Dataset:
     order = np.random.default_rng(0).permutation(len(x))
     cut = int(0.9 * len(x))
     idx = order[:cut] if split == "train" else order[cut:]
-    return _images("digits", x[idx], d.target[idx])
+    return _images("digits", x[idx], d.target[idx].astype(np.int64), DIGIT_CLASSES)
 
 
 def make_toy(name: str, n: int = 50_000, seed: int = 0) -> np.ndarray:
@@ -190,6 +218,18 @@ def make_toy(name: str, n: int = 50_000, seed: int = 0) -> np.ndarray:
     else:
         raise DatasetError(f"unknown toy {name!r}; choose one of {', '.join(TOYS)}")
     return pts.astype(np.float32)
+
+
+def toy_labels(name: str, n: int = 50_000, seed: int = 0):
+    """(labels, class names) of ``make_toy(name, n, seed)``'s points: the mode of 8gaussians (0 at
+    angle 0, counter-clockwise), the ring of rings; (None, None) for the other toys. Re-drawn from
+    the same generator, whose first draw picks the mode."""
+    rng = np.random.default_rng(seed)
+    if name == "8gaussians":
+        return rng.integers(0, 8, n).astype(np.int64), tuple(f"mode {i}" for i in range(8))
+    if name == "rings":
+        return rng.integers(1, 3, n).astype(np.int64) - 1, ("inner", "outer")
+    return None, None
 
 
 def _points(name: str, pts: np.ndarray, source: str | None = None) -> Dataset:
@@ -244,7 +284,7 @@ def load_cifar10(folder, split: str = "train") -> Dataset:
             if rec[:, 0].max() > 9:
                 raise DatasetError(f"{base}: not CIFAR-10 binary batches (labels above 9)")
             x = rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            return _images("cifar10", x, rec[:, 0].astype(np.int64))
+            return _images("cifar10", x, rec[:, 0].astype(np.int64), CIFAR10_CLASSES)
         if all((base / n).is_file() for n in names):
             xs, ys = [], []
             for n in names:
@@ -262,7 +302,7 @@ def load_cifar10(folder, split: str = "train") -> Dataset:
                                        "again") from err
                 xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
                 ys.append(labels)
-            return _images("cifar10", np.concatenate(xs), np.concatenate(ys))
+            return _images("cifar10", np.concatenate(xs), np.concatenate(ys), CIFAR10_CLASSES)
     raise DatasetError(f"cifar10: no CIFAR-10 batches under {folder}; pass --data-dir pointing to "
                        "cifar-10-batches-bin (or -py), downloaded by you from the CIFAR-10 site")
 
@@ -295,17 +335,59 @@ def load_image_folder(folder, image_size: int | None = None) -> Dataset:
             if isinstance(err, DatasetError):
                 raise
             raise DatasetError(f"{p}: unreadable image ({err}); fix or remove the file") from err
-    dataset = _images(folder.name or "images", np.stack(out))
+    labels, classes = _folder_labels(folder, files)
+    dataset = _images(folder.name or "images", np.stack(out), labels, classes)
     dataset.source = str(folder.resolve())
     return dataset
+
+
+def _folder_labels(folder: Path, files: list[Path]):
+    """(labels, class names) when every image lies in a sub-folder of ``folder`` (ImageFolder:
+    class = the first sub-folder on its path, names sorted); (None, None) otherwise."""
+    tops = [p.relative_to(folder).parts for p in files]
+    if any(len(parts) < 2 for parts in tops):
+        return None, None
+    classes = sorted({parts[0] for parts in tops})
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index[parts[0]] for parts in tops], dtype=np.int64), classes
+
+
+def load_labels(path, n: int) -> np.ndarray:
+    """Integer class labels (n,) from a .npy file (for a .npy file of points)."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.suffix != ".npy" or not path.is_file():
+        raise DatasetError(f"{path}: no such .npy file of labels")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DatasetError(f"{path}: not a readable .npy array ({err})") from err
+    if labels.shape != (n,):
+        raise DatasetError(f"{path}: labels of shape {labels.shape}, expected ({n},): one per point")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not (np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels))
+                and np.all(labels == np.round(labels))):
+            raise DatasetError(f"{path}: labels must be integers 0, 1, ..., got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0:
+        raise DatasetError(f"{path}: labels must be >= 0, found {int(labels.min())}")
+    return labels
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
 def load_dataset(spec: str, *, data_dir: str | None = None, split: str = "train",
-                 image_size: int | None = None, toy_size: int = 50_000, seed: int = 0) -> Dataset:
-    """A dataset by name or path (see the module docstring)."""
+                 image_size: int | None = None, toy_size: int = 50_000, seed: int = 0,
+                 labels: str | None = None) -> Dataset:
+    """A dataset by name or path (see the module docstring); ``labels``: a .npy file of integer
+    class labels for a .npy file of points."""
+    if labels is not None:
+        data = load_dataset(spec, data_dir=data_dir, split=split, image_size=image_size, toy_size=toy_size, seed=seed)
+        if data.kind != "points" or not str(spec).lower().endswith(".npy"):
+            raise DatasetError(f"--labels FILE.npy labels a .npy file of points; {spec!r} has labels of its own "
+                               "or none")
+        data.labels = load_labels(labels, len(data))
+        return data
     key = str(spec).lower()
     if key in ("fashion-mnist", "fashion_mnist", "fmnist"):
         return load_mnist_like("fashion-mnist", data_dir or FASHION_MNIST_DIR, split)
@@ -320,7 +402,10 @@ def load_dataset(spec: str, *, data_dir: str | None = None, split: str = "train"
             raise DatasetError("cifar10: pass --data-dir with the CIFAR-10 batches (nothing is downloaded)")
         return load_cifar10(data_dir, split)
     if key in TOYS:
-        return _points(key, make_toy(key, toy_size, seed if split == "train" else seed + 1))
+        toy_seed = seed if split == "train" else seed + 1
+        data = _points(key, make_toy(key, toy_size, toy_seed))
+        data.labels, data.classes = toy_labels(key, toy_size, toy_seed)
+        return data
     path = Path(os.path.expanduser(spec))
     if path.suffix == ".npy":
         if not path.is_file():

@@ -74,6 +74,6 @@ def scatter_image(points: np.ndarray, size: int = 512, reference: np.ndarray | N
     return im
 
 
-def save_samples_png(path, samples: np.ndarray, kind: str) -> Path:
-    """A grid for images (N, H, W, C), a scatter plot for points (N, d)."""
-    return _save_atomic(path, grid_image(samples, scale=2) if kind == "image" else scatter_image(samples))
+def save_samples_png(path, samples: np.ndarray, kind: str, ncols: int | None = None) -> Path:
+    """A grid for images (N, H, W, C) (``ncols`` columns; default square), a scatter plot for points (N, d)."""
+    return _save_atomic(path, grid_image(samples, ncols=ncols, scale=2) if kind == "image" else scatter_image(samples))

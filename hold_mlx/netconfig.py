@@ -24,10 +24,14 @@ class NetConfig:
     fourier_scale: float = 16.0
     hidden: int = 256  # MLP width
     depth: int = 4  # MLP hidden layers
+    num_classes: int = 0  # class-conditional with this many classes (0: unconditional)
 
     def __post_init__(self):
         self.channel_mult = tuple(int(c) for c in self.channel_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        self.num_classes = int(self.num_classes)
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
         if self.kind not in ("unet", "mlp"):
             raise ValueError(f"unknown network kind {self.kind!r}; choose unet or mlp")
         if self.kind == "unet":
@@ -41,10 +45,17 @@ class NetConfig:
                 if c % self.groups:
                     raise ValueError(f"{c} channels are not divisible into {self.groups} GroupNorm groups")
 
+    @property
+    def null_label(self) -> int:
+        """The label of the extra "no label" class (index num_classes) of a conditional net."""
+        return self.num_classes
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attn_resolutions"] = list(self.attn_resolutions)
+        if not self.num_classes:  # unconditional configs stay as they were before labels existed
+            del d["num_classes"]
         return d
 
     @classmethod

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .netconfig import NetConfig
 
 __all__ = ["KINDS", "Layer", "EmbeddingTerm", "NetPlan", "net_plan", "unet_plan", "mlp_plan", "module_args",
-           "find_layer", "place_layer", "embed", "run_body"]
+           "find_layer", "place_layer", "embed", "run_body", "net_labels"]
 
 #: Every layer kind, with what its module computes (each framework has one module per kind).
 KINDS = {
@@ -33,6 +33,7 @@ KINDS = {
     "attention": "single-head self-attention over the pixels (GN, qkv, proj(zero)), residual; times 1/sqrt 2",
     "downsample": "Conv2d(c, c, 3x3, stride 2, padding 1): size -> size / 2",
     "upsample": "nearest 2x upsampling, then Conv2d(c, c, 3x3): size -> 2 size",
+    "embedding": "Embedding(c_in, c_out): one learned row per class label; row c_in - 1 is the 'no label' class",
 }
 
 
@@ -71,7 +72,7 @@ class Layer:
 class EmbeddingTerm:
     """One summand of the conditioning embedding: a chain of layers applied to one network input."""
 
-    input: str  # the network argument it reads: "t" (the time)
+    input: str  # the network argument it reads: "t" (the time) or "label" (integer class labels)
     layers: tuple[Layer, ...]
 
 
@@ -106,12 +107,18 @@ def module_args(layer: Layer, plan: NetPlan) -> tuple:
         "attention": (layer.c_in, plan.groups),
         "downsample": (layer.c_in,),
         "upsample": (layer.c_in,),
+        "embedding": (layer.c_in, layer.c_out),
     }[layer.kind]
 
 
 def _plan(cfg: NetConfig, emb_dim: int, embedding, body) -> NetPlan:
     """Both nets' plans end here: an embedding term added to ``embedding`` (another network input
-    mapped to ``emb_dim`` features, such as a class label) conditions the U-Net and the MLP alike."""
+    mapped to ``emb_dim`` features) conditions the U-Net and the MLP alike. A class-conditional net
+    (``num_classes`` > 0) adds a learned label embedding with num_classes + 1 rows (the last one is
+    "no label", which classifier-free guidance and label dropout use) to the time embedding."""
+    if cfg.num_classes:
+        embedding = [*embedding, EmbeddingTerm("label", (Layer("embedding", "label_emb", cfg.num_classes + 1,
+                                                               emb_dim),))]
     return NetPlan(cfg.kind, emb_dim, cfg.groups, cfg.dropout, cfg.fourier_scale, tuple(embedding), tuple(body))
 
 
@@ -243,3 +250,13 @@ def run_body(plan: NetPlan, run, concat, u, emb):
         if layer.skip_out:
             skips.append(h)
     return h
+
+
+def net_labels(cfg: NetConfig, label, batch: int, full):
+    """The labels a net embeds: ``label`` itself, the "no label" class for every sample when it is
+    None (``full(shape, value)`` makes the array), nothing for an unconditional net (which refuses labels)."""
+    if not cfg.num_classes:
+        if label is not None:
+            raise ValueError("this network is unconditional (num_classes 0); it takes no class labels")
+        return None
+    return full((batch,), cfg.null_label) if label is None else label

@@ -1,10 +1,10 @@
 """MLX score networks: a DDPM++-style U-Net for images (NHWC) and an MLP for points in R^d.
 
-Both map (u, t) -> alpha, shaped like one data block; u holds the n blocks of the extended state
-side by side on the last axis. The architecture (which layers, their checkpoint names, how they
-are wired) is ``hold_mlx.netplan``; this file builds and runs one layer of each kind in MLX, as the
-torch mirror in export/ does in torch (only conv weights change layout: MLX O,kH,kW,I vs torch
-O,I,kH,kW).
+Both map (u, t) -> alpha (a class-conditional net: (u, t, label) -> alpha), shaped like one
+data block; u holds the n blocks of the extended state side by side on the last axis. The
+architecture (which layers, their checkpoint names, how they are wired) is ``hold_mlx.netplan``;
+this file builds and runs one layer of each kind in MLX, as the torch mirror in export/ does in
+torch (only conv weights change layout: MLX O,kH,kW,I vs torch O,I,kH,kW).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from . import fastops
 from ._mlx import mx, nn
 from .netconfig import NET_PRESETS, NetConfig, net_preset
-from .netplan import Layer, embed, find_layer, module_args, net_plan, place_layer, run_body
+from .netplan import Layer, embed, find_layer, module_args, net_labels, net_plan, place_layer, run_body
 
 __all__ = ["NetConfig", "NET_PRESETS", "net_preset", "build_net", "PlannedNet", "UNet", "MLP", "count_params"]
 
@@ -136,7 +136,7 @@ class Upsample(nn.Module):
 
 #: The MLX module of each ``hold_mlx.netplan`` layer kind, built with ``netplan.module_args``.
 MODULES = {"fourier": FourierTime, "linear": nn.Linear, "conv": Conv2d, "norm_silu": _norm, "resblock": ResBlock,
-           "attention": Attention, "downsample": Downsample, "upsample": Upsample}
+           "attention": Attention, "downsample": Downsample, "upsample": Upsample, "embedding": nn.Embedding}
 
 
 def _concat_channels(h, skip):
@@ -163,8 +163,11 @@ class PlannedNet(nn.Module):
             return module(x, act=True)  # GroupNorm and SiLU in one pass
         return module(silu(x) if layer.act_in else x)
 
-    def __call__(self, u, t):
-        return run_body(self.plan, self.run_layer, _concat_channels, u, embed(self.plan, self.run_layer, {"t": t}))
+    def __call__(self, u, t, label=None):
+        """alpha(u, t); a class-conditional net also takes integer labels (B,) (None: the "no
+        label" class for every sample, the unconditional model)."""
+        inputs = {"t": t, "label": net_labels(self.cfg, label, t.shape[0], mx.full)}
+        return run_body(self.plan, self.run_layer, _concat_channels, u, embed(self.plan, self.run_layer, inputs))
 
 
 class UNet(PlannedNet):

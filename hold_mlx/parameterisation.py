@@ -58,14 +58,14 @@ class ScoreParameterisation:
     """Network output <-> score of the last block, for one SDE and one checkpoint's objective.
 
     ``objective`` is the checkpoint config's "objective" section (``mixed_score``, ``weighting``,
-    ``output``). Extensions plug in here, not in the backends: a conditional model passes
-    ``labels`` through :meth:`score` to the network, and classifier-free guidance belongs in
-    :meth:`score` too (cond and uncond rows in one network call on a doubled batch); a data
-    prediction x0_hat(u, t) for few-step samplers is the score mapped by the SDE's float64
-    coefficients, a method next to :meth:`score`.
+    ``output``). Extensions plug in here, not in the backends: a class-conditional model gets its
+    ``labels`` and classifier-free ``guidance`` through :meth:`score` (conditional and "no label"
+    rows in one network call on a doubled batch); a data prediction x0_hat(u, t) for few-step
+    samplers is the score mapped by the SDE's float64 coefficients, a method next to :meth:`score`.
     """
 
-    def __init__(self, sde: LinearSDE, objective: dict | None = None, data_channels: int | None = None):
+    def __init__(self, sde: LinearSDE, objective: dict | None = None, data_channels: int | None = None,
+                 num_classes: int = 0):
         objective = dict(objective or {})
         self.sde = sde
         self.output = objective.get("output", "alpha")
@@ -77,11 +77,13 @@ class ScoreParameterisation:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         self.data_channels = None if data_channels is None else int(data_channels)
+        self.num_classes = int(num_classes)  # 0: unconditional; label num_classes is "no label"
 
     @classmethod
     def from_config(cls, sde: LinearSDE, config: dict) -> "ScoreParameterisation":
-        """From a checkpoint config (its "objective" and the network's data channels)."""
-        return cls(sde, config["objective"], int(config["net"]["data_channels"]))
+        """From a checkpoint config (its "objective", the network's data channels and classes)."""
+        net = config["net"]
+        return cls(sde, config["objective"], int(net["data_channels"]), int(net.get("num_classes", 0)))
 
     # -- float64 coefficients -------------------------------------------------------------------
 
@@ -111,13 +113,37 @@ class ScoreParameterisation:
 
     # -- backend arrays -------------------------------------------------------------------------
 
-    def score(self, network, backend, u, t, labels=None):
+    def score(self, network, backend, u, t, labels=None, guidance: float = 0.0):
         """s(u, t) of the last block from ``network(u, t)`` (its output, shaped like one block).
 
         ``backend`` supplies ``to_numpy`` (the times, for the float64 coefficients) and
         ``per_sample``; everything else is arithmetic every array framework shares.
+
+        A class-conditional model takes ``labels`` (B,) (NumPy or backend integers; None: the
+        unconditional score, the "no label" class). With ``guidance`` w != 0 the score is
+        classifier-free guided, (1 + w) s(u, t, y) - w s(u, t, no label): both terms come from ONE
+        network call on the batch doubled (so one NFE costs two network passes per sample), and
+        since the score is affine in the network output the mix is taken on that output.
         """
-        out = network(u, t) if labels is None else network(u, t, labels)
+        if labels is not None:
+            if isinstance(labels, np.ndarray):  # backend arrays come checked (``Model.conditioned``)
+                self.check_labels(labels)
+                labels = backend.asindex(labels)
+            elif not self.num_classes:
+                self.check_labels(np.zeros(0, np.int64))  # refuses: the model is unconditional
+        elif guidance:
+            raise ValueError("guidance needs class labels: pass labels= (one per sample)")
+        if labels is None:
+            out = network(u, t)
+        elif not guidance:
+            out = network(u, t, labels)
+        else:
+            rows = u.shape[0]
+            null = backend.asindex(np.full(rows, self.num_classes))
+            both = network(backend.concat_batch([u, u]), backend.concat_batch([t, t]),
+                           backend.concat_batch([labels, null]))
+            w = float(guidance)
+            out = (1.0 + w) * both[:rows] - w * both[rows:]
         a, b = self.score_coefficients(backend.to_numpy(t))
         score = backend.per_sample(a, u.ndim) * out
         if self.mixed_score:
@@ -125,13 +151,26 @@ class ScoreParameterisation:
             score = score + backend.per_sample(b, u.ndim) * u[..., -width:]
         return score
 
+    def check_labels(self, labels: np.ndarray) -> None:
+        """Refuse labels an unconditional model, or this model's classes, cannot take."""
+        labels = np.asarray(labels)
+        if not self.num_classes:
+            raise ValueError("this model is unconditional (trained without --conditional); it takes no class labels")
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers, one per sample; got dtype {labels.dtype}, shape {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() > self.num_classes):
+            bad = labels[(labels < 0) | (labels > self.num_classes)][0]
+            raise ValueError(f"label {int(bad)} is out of range: this model has classes 0 to {self.num_classes - 1} "
+                             f"(and {self.num_classes}: no label)")
+
     @staticmethod
-    def weighted_errors(network, backend, x0, eps_blocks: list, t, mean, chol, mixed, weight):
+    def weighted_errors(network, backend, x0, eps_blocks: list, t, mean, chol, mixed, weight, labels=None):
         """Per-sample weighted loss (B,): weight * mean || alpha + mixed u_n - eps_n ||^2.
 
         x0 (B, *data_shape), eps_blocks n arrays like x0, t / mixed / weight (B,), mean (B, n),
         chol (B, n, n): backend arrays, the coefficients from :meth:`training_coefficients`. The
         caller reduces over the batch (and splits or autocasts ``network`` as its framework likes).
+        ``labels`` (B,): a class-conditional network's labels (label dropout already applied).
         """
         shape = (-1,) + (1,) * (x0.ndim - 1)
 
@@ -140,7 +179,8 @@ class ScoreParameterisation:
 
         blocks = perturb(x0, eps_blocks, mean, chol, per_sample)
         u = blocks[0] if len(blocks) == 1 else backend.concat(blocks)
-        r = residual(network(u, t), blocks[-1], eps_blocks[-1], mixed, per_sample)
+        alpha = network(u, t) if labels is None else network(u, t, labels)
+        r = residual(alpha, blocks[-1], eps_blocks[-1], mixed, per_sample)
         return weight * (r * r).reshape(r.shape[0], -1).mean(axis=1)
 
 

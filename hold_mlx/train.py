@@ -29,25 +29,27 @@ def _noise_key(seed: tuple[int, int]):
     return mx.array(bits)
 
 
-def score_matching_loss(model, n: int, x0, key, t, mean, chol, mixed, weight, rows=None, global_batch=None):
+def score_matching_loss(model, n: int, x0, key, t, mean, chol, mixed, weight, rows=None, global_batch=None,
+                        labels=None):
     """Block-coordinate score matching on the last block (``ScoreParameterisation.weighted_errors``),
     MLX arrays.
 
     The noise is drawn for the global batch and this rank's ``rows`` are kept, so data-parallel
     training sees exactly the numbers one process would; the rank's batch is then split across
     the CPU streams (``_mlx.split_batch``; one piece on a GPU), which leaves the loss unchanged.
+    ``labels``: a class-conditional model's labels (B,) for this rank.
     """
     backend = MLXBackend()
     lo, hi = rows if rows is not None else (0, x0.shape[0])
     eps = mx.random.normal((n, global_batch or x0.shape[0]) + x0.shape[1:], key=key)[:, lo:hi]
     eps = eps.swapaxes(0, 1)  # batch first, for the split
 
-    def piece(x0, eps, t, mean, chol, mixed, weight):
+    def piece(x0, eps, t, mean, chol, mixed, weight, *labels):
         eps_blocks = [eps[:, i] for i in range(n)]
         return ScoreParameterisation.weighted_errors(model, backend, x0, eps_blocks, t, mean, chol, mixed,
-                                                     weight).sum()
+                                                     weight, *labels).sum()
 
-    parts = split_batch(piece, x0, eps, t, mean, chol, mixed, weight)
+    parts = split_batch(piece, x0, eps, t, mean, chol, mixed, weight, *(() if labels is None else (labels,)))
     return (parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])) / x0.shape[0]
 
 
@@ -84,13 +86,14 @@ class Trainer(TrainerBase):
         net, opt, cfg, n = self.net, self.optimizer, self.cfg, self.sde.order
         group = self.group if self.world > 1 else None
         rows, global_batch = self._rows
-        grad_fn = nn.value_and_grad(net, lambda model, *args: score_matching_loss(model, n, *args, rows, global_batch))
+        grad_fn = nn.value_and_grad(net, lambda model, *args, labels=None: score_matching_loss(
+            model, n, *args, rows, global_batch, labels=labels))
         # The global random state is captured too: dropout draws from it, and each step reseeds it
         # from (seed, step) so a resumed run draws the same masks.
         state = [net.state, opt.state, self.ema, mx.random.state]
 
-        def step(x0, key, t, mean, chol, mixed, weight):
-            loss, grads = grad_fn(net, x0, key, t, mean, chol, mixed, weight)
+        def step(x0, key, t, mean, chol, mixed, weight, *labels):
+            loss, grads = grad_fn(net, x0, key, t, mean, chol, mixed, weight, labels=labels[0] if labels else None)
             if group is not None:
                 grads = nn.average_gradients(grads, group=group)
                 loss = mx.distributed.all_sum(loss, group=group) / group.size()
@@ -106,9 +109,10 @@ class Trainer(TrainerBase):
         self.net.train()
         self.optimizer.learning_rate = batch.lr
         mx.random.seed(int(np.random.default_rng([*batch.noise_seed, self.rank, 4]).integers(2**63)))
+        labels = () if batch.labels is None else (mx.array(batch.labels.astype(np.int32)),)
         loss = self._step_fn(mx.array(batch.x0), _noise_key(batch.noise_seed), mx.array(batch.t),
                              mx.array(batch.mean), mx.array(batch.chol), mx.array(batch.mixed),
-                             mx.array(batch.weight))
+                             mx.array(batch.weight), *labels)
         mx.eval(loss, self.net.parameters(), self.optimizer.state, self.ema)
         return loss.item()
 

@@ -78,6 +78,10 @@ class TrainConfig:
     amp: str = "none"  # torch on CUDA: "bf16" | "fp16" | "none"
     channels_last: bool = False
     init_from: str | None = None  # a new run starts from these weights (raw = EMA), fresh optimizer
+    conditional: bool = False  # class-conditional network (the dataset must have labels)
+    label_dropout: float = 0.1  # probability that a sample's label is replaced by "no label"
+    labels: str | None = None  # .npy file of labels for a .npy file of points
+
 
     def __post_init__(self):
         def number(name, ok, what):
@@ -95,6 +99,7 @@ class TrainConfig:
         number("ema_decay", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
         number("grad_clip", lambda v: v >= 0, "a finite number >= 0 (0: no clipping)")
         number("weight_decay", lambda v: v >= 0, "a finite number >= 0 (0: Adam, > 0: AdamW)")
+        number("label_dropout", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
         if self.image_size is not None:
             number("image_size", lambda v: v == int(v) and 4 <= v <= 1024, "an integer from 4 to 1024")
         if not isinstance(self.sde_params, dict) or not isinstance(self.net_params, dict):
@@ -187,6 +192,7 @@ class Batch:
     lr: float
     rows: tuple[int, int]  # this rank's rows [lo, hi) of the global batch
     global_batch: int  # noise is drawn for the global batch and sliced, so N ranks train like 1
+    labels: np.ndarray | None = None  # (b,) int64 class labels, "no label" where dropped (conditional runs)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -217,7 +223,8 @@ class TrainerBase:
             self._check_writable()
         self._resumed_from = self._check_resume_config()
         self.data = dataset if dataset is not None else load_dataset(
-            config.dataset, data_dir=config.data_dir, image_size=config.image_size, seed=config.seed)
+            config.dataset, data_dir=config.data_dir, image_size=config.image_size, seed=config.seed,
+            **({"labels": config.labels} if config.labels else {}))
         validate_sde_params(dict(config.sde_params))
         try:
             self.sde: LinearSDE = get_sde(config.sde, **config.sde_params)
@@ -230,8 +237,11 @@ class TrainerBase:
         self._since_save: list[float] = []  # losses since the last save, for log.jsonl
         self.interrupted = False
         self.stop_signal: int | None = None  # SIGINT / SIGTERM that stopped the last run()
+        data_config = self.data.config()
+        if self.net_cfg.num_classes:
+            data_config["classes"] = list(self.data.class_names)
         self.model_config = make_config(
-            self.sde, self.net_cfg, self.data.config(), mixed_score=config.mixed_score,
+            self.sde, self.net_cfg, data_config, mixed_score=config.mixed_score,
             weighting=config.weighting, extra={"train": config.to_dict()})
         self._backend_build()
         if (self.out / STATE_FILE).exists():
@@ -280,8 +290,17 @@ class TrainerBase:
             if shape[0] != shape[1]:
                 raise ValueError(f"images must be square, got {shape[:2]}")
             overrides.setdefault("image_size", shape[0])
+        if self.cfg.conditional:
+            if self.data.labels is None:
+                raise ValueError(f"--conditional needs class labels and {self.data.name} has none; use a labelled "
+                                 "dataset, an image folder with one sub-folder per class, or --labels FILE.npy "
+                                 "for points")
+            overrides.setdefault("num_classes", len(self.data.class_names))
         name = auto_net(self.data) if self.cfg.net == "auto" else self.cfg.net
         net_cfg = net_preset(name, **overrides)
+        if self.cfg.conditional and self.data.labels.max() >= net_cfg.num_classes:
+            raise ValueError(f"the data has labels up to {int(self.data.labels.max())}, the network "
+                             f"{net_cfg.num_classes} classes")
         if (net_cfg.kind == "mlp") != (self.data.kind == "points"):
             raise ValueError(f"network {self.cfg.net!r} ({net_cfg.kind}) does not fit {self.data.kind} data; "
                              "use an mlp preset for points and a U-Net preset for images")
@@ -419,7 +438,18 @@ class TrainerBase:
         c: Coefficients = objective_coefficients(self.sde, t, mixed_score=cfg.mixed_score, weighting=cfg.weighting)
         f = c.as_float32()
         return Batch(x0, f["t"], f["mean"], f["chol"], f["mixed"], f["weight"], (cfg.seed, step), lr_at(cfg, step),
-                     (int(mine[0]), int(mine[-1]) + 1), cfg.batch_size)
+                     (int(mine[0]), int(mine[-1]) + 1), cfg.batch_size, self.batch_labels(step))
+
+    def batch_labels(self, step: int) -> np.ndarray | None:
+        """This rank's labels of a step (None: unconditional), each replaced by "no label" with
+        probability label_dropout: a function of (seed, step), drawn for the global batch."""
+        if not self.net_cfg.num_classes:
+            return None
+        cfg = self.cfg
+        labels = self.data.batch_labels(step, cfg.batch_size, cfg.seed, rank=self.rank, world=self.world)
+        mine = np.array_split(np.arange(cfg.batch_size), self.world)[self.rank]
+        dropped = np.random.default_rng([cfg.seed, step, 13]).random(cfg.batch_size)[mine] < cfg.label_dropout
+        return np.where(dropped, self.net_cfg.null_label, labels).astype(np.int64)
 
     def run(self, preview: Callable | None = None) -> Iterator[StepInfo]:
         """Train up to cfg.steps, yielding StepInfo; saves every save_every steps, at the end and on

@@ -20,8 +20,10 @@ CONFIGS = [
     NetConfig(kind="unet", data_channels=3, order=2, image_size=12, channels=16, channel_mult=(1, 2, 2),
               num_res_blocks=2, attn_resolutions=(6, 3), groups=8),
     net_preset("mlp-tiny", data_channels=2, order=3),
+    NetConfig(kind="unet", data_channels=1, order=3, image_size=8, channels=16, channel_mult=(1, 2),
+              num_res_blocks=1, attn_resolutions=(4,), groups=4, num_classes=10),
 ]
-IDS = ["unet", "unet-rgb", "mlp"]
+IDS = ["unet", "unet-rgb", "mlp", "unet-cond"]
 
 
 def _counted_by_module(cfg) -> dict[str, float]:
@@ -123,3 +125,18 @@ def test_wiring_runs_on_plain_numbers():
     h0 = 7 * 2.0 + emb
     h1 = h0 + 11 * h0
     assert run_body(plan, run, lambda h, skip: h - skip, 2.0, emb) == 13 * (h1 - h0)
+
+
+def test_conditional_plan_adds_one_label_term_and_leaves_the_rest():
+    """num_classes adds a "label" embedding term (classes + "no label" rows, the embedding's
+    width) after the time term; every other layer is the unconditional plan's."""
+    base = net_preset("mlp-tiny", data_channels=2, order=3)
+    cond = net_preset("mlp-tiny", data_channels=2, order=3, num_classes=4)
+    plain, labelled = net_plan(base), net_plan(cond)
+    assert labelled.embedding[:-1] == plain.embedding and labelled.body == plain.body
+    term = labelled.embedding[-1]
+    assert term.input == "label" and term.layers == (Layer("embedding", "label_emb", 5, labelled.emb_dim),)
+    assert "num_classes" not in base.to_dict() and cond.to_dict()["num_classes"] == 4
+    assert NetConfig.from_dict(base.to_dict()) == base and NetConfig.from_dict(cond.to_dict()) == cond
+    with pytest.raises(ValueError, match="num_classes"):
+        NetConfig(num_classes=-1)

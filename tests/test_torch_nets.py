@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from hold_export.layout import (TO_CHECKPOINT, TO_TORCH, checkpoint_to_torch, conv_weight_keys,  # noqa: E402
                                 torch_to_checkpoint)
-from hold_export.parity import (mlx_alpha, network_inputs, random_checkpoint_tensors,  # noqa: E402
+from hold_export.parity import (mlx_alpha, network_inputs, network_labels, random_checkpoint_tensors,  # noqa: E402
                                 torch_alpha)
 from hold_export.torch_model import load_weights  # noqa: E402
 from hold_export.torch_nets import build_net  # noqa: E402
@@ -26,6 +26,11 @@ UNET = NetConfig(kind="unet", data_channels=1, order=3, image_size=8, channels=1
 UNET_RGB = NetConfig(kind="unet", data_channels=3, order=2, image_size=12, channels=16, channel_mult=(1, 2, 2),
                      num_res_blocks=2, attn_resolutions=(6, 3), groups=8, dropout=0.1)
 MLP = net_preset("mlp-tiny", data_channels=2, order=3)
+# class-conditional: a label embedding (classes + "no label") summed with the time embedding
+UNET_COND = NetConfig(**{**UNET.to_dict(), "num_classes": 5})
+MLP_COND = net_preset("mlp-tiny", data_channels=2, order=3, num_classes=3)
+NETS = [UNET, UNET_RGB, MLP, UNET_COND, MLP_COND]
+NET_IDS = ["unet", "unet-rgb", "mlp", "unet-cond", "mlp-cond"]
 
 
 def _mlx_conv_keys(cfg):
@@ -36,7 +41,7 @@ def _mlx_conv_keys(cfg):
     return {f"{name}.weight" for name, m in build_mlx(cfg).named_modules() if isinstance(m, nn.Conv2d)}
 
 
-@pytest.mark.parametrize("cfg", [UNET, UNET_RGB, MLP], ids=["unet", "unet-rgb", "mlp"])
+@pytest.mark.parametrize("cfg", NETS, ids=NET_IDS)
 def test_keys_and_conv_keys_agree_with_mlx(cfg):
     from hold_mlx.model import flat_params
     from hold_mlx.nets import build_net as build_mlx
@@ -52,7 +57,7 @@ def test_keys_and_conv_keys_agree_with_mlx(cfg):
         assert tuple(torch_state[k].shape) == expected, k
 
 
-@pytest.mark.parametrize("cfg", [UNET, UNET_RGB, MLP], ids=["unet", "unet-rgb", "mlp"])
+@pytest.mark.parametrize("cfg", NETS, ids=NET_IDS)
 def test_layout_round_trip_is_exact(cfg):
     keys = conv_weight_keys(build_net(cfg))
     ckpt = random_checkpoint_tensors(cfg, seed=1)
@@ -103,14 +108,16 @@ def test_unsupported_conv_is_refused():
         checkpoint_to_torch({"w": np.zeros((2, 3))}, {"w"})
 
 
-@pytest.mark.parametrize("cfg", [UNET, UNET_RGB, MLP], ids=["unet", "unet-rgb", "mlp"])
+@pytest.mark.parametrize("cfg", NETS, ids=NET_IDS)
 def test_network_outputs_match_mlx(cfg):
-    """Same weights, same input: fp32 outputs agree to ~1e-5 relative at several batch sizes."""
+    """Same weights, same input (and labels, "no label" among them): fp32 outputs agree to ~1e-5
+    relative at several batch sizes."""
     tensors = random_checkpoint_tensors(cfg, seed=4)
     for batch in (1, 3, 8):
         u, t = network_inputs(cfg, batch, seed=10 + batch)
-        ref = mlx_alpha(cfg, tensors, u, t)
-        out = torch_alpha(cfg, tensors, u, t)
+        labels = network_labels(cfg, batch, seed=batch)
+        ref = mlx_alpha(cfg, tensors, u, t, labels)
+        out = torch_alpha(cfg, tensors, u, t, labels=labels)
         assert out.shape == ref.shape == u.shape[:-1] + (cfg.data_channels,)
         assert np.abs(ref).max() > 0.1  # the random weights reach the output
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), batch
@@ -173,3 +180,17 @@ def test_torch_compile_traces_the_network_under_bf16_autocast():
         eager = apply_channels_last(net, u, t).float()
         out = apply_channels_last(compiled, u, t).float()
     assert (out - eager).abs().max() <= 2e-2 * eager.abs().max()
+
+
+def test_label_embedding_rows_move_the_output_and_are_in_the_layout_map():
+    """The label embedding is a plain (classes + 1, emb) table in both layouts, and each label
+    (the "no label" row included) changes the output: the labels really reach the network."""
+    tensors = random_checkpoint_tensors(UNET_COND, seed=8)
+    assert tensors["label_emb.weight"].shape == (UNET_COND.num_classes + 1, 4 * UNET_COND.channels)
+    assert "label_emb.weight" not in conv_weight_keys(build_net(UNET_COND))
+    u, t = network_inputs(UNET_COND, 1, seed=9)
+    outs = [torch_alpha(UNET_COND, tensors, u, t, labels=np.array([k])) for k in range(UNET_COND.num_classes + 1)]
+    unlabelled = torch_alpha(UNET_COND, tensors, u, t)  # no labels: the "no label" row
+    assert np.array_equal(unlabelled, outs[-1])
+    gaps = [np.abs(a - b).max() for i, a in enumerate(outs) for b in outs[i + 1:]]
+    assert min(gaps) > 1e-3 * np.abs(outs[0]).max()
