@@ -328,6 +328,7 @@ _NET_FIELDS = {
     "fourier_scale": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
     "hidden": _POSITIVE_INT,
     "depth": _POSITIVE_INT,
+    "num_classes": (lambda v: _is_int(v) and 0 <= v <= 100_000, "an integer from 0 (unconditional) to 100000"),
 }
 
 
@@ -392,7 +393,8 @@ def validate_config(config: dict, path="checkpoint") -> dict:
     validate_sde_params(config["sde"], f"{path}: invalid SDE config")
     net = config["net"]
     validate_net_params(net, f"{path}: invalid network config")
-    missing = sorted(set(_NET_FIELDS) - set(net) - {"hidden", "depth", "dropout", "fourier_scale", "groups"})
+    missing = sorted(set(_NET_FIELDS) - set(net) - {"hidden", "depth", "dropout", "fourier_scale", "groups",
+                                                     "num_classes"})
     if missing:
         raise CheckpointError(f"{where}: the net section lacks {missing}")
     data = config["data"]

@@ -128,3 +128,13 @@ def test_atomic_write_gives_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "f.bin").st_mode & 0o777) == 0o644
+
+
+def test_config_schema_knows_every_network_setting():
+    """The checkpoint schema and NetConfig name the same settings (a new field needs both)."""
+    from dataclasses import fields
+
+    from hold_mlx.checkpoint import _NET_FIELDS
+    from hold_mlx.netconfig import NetConfig
+
+    assert set(_NET_FIELDS) == {f.name for f in fields(NetConfig)}
