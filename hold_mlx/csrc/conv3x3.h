@@ -6,7 +6,10 @@
 // 28 accumulators of the 32 registers). For each of the 9 taps and each input channel, the
 // tile loads 2 weight vectors and broadcasts one input value per pixel into 2 FMAs. The input
 // image is copied once into a zero-framed scratch buffer so the taps need no bounds checks.
-// Built with -march=native (hold_mlx/native.py), so the vector width is the machine's.
+// Built once per instruction set (hold_mlx/native.py picks the build at run time), so the
+// vector width below is the build's: 16 lanes for AVX-512, 8 for AVX2, 4 for SSE2 / NEON.
+// Rows are processed in bands sized so that a band of the framed input and the weights stay in
+// the L2 cache the machine reports while every output-channel block passes over the band.
 #pragma once
 
 #include <algorithm>
@@ -15,6 +18,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "cpu_cache.h"
 
 namespace hold_native {
 
@@ -91,6 +96,14 @@ inline void conv_row(const float* src, int C, std::ptrdiff_t row_pitch, const fl
   });
 }
 
+// Output rows per band: the band's framed input rows (band + 2 of them) plus all the weights in
+// half the L2 cache (the other half for the output rows and whatever else runs), at least one.
+inline int conv_band_rows(int H, std::ptrdiff_t row_pitch, std::size_t weight_floats) {
+  const std::size_t budget = cache_sizes().l2 / 2 / sizeof(float);
+  const std::size_t rows = budget > weight_floats ? (budget - weight_floats) / std::size_t(row_pitch) : 0;
+  return std::max(1, std::min(H, int(std::min<std::size_t>(rows, std::size_t(H) + 2)) - 2));
+}
+
 // x (B, H, W, C), weight (O, 3, 3, C) (MLX's layout), bias (O), out (B, H, W, O); all contiguous.
 inline void conv3x3(const float* x, const float* weight, const float* bias, float* out, int B, int H, int W,
                     int C, int O) {
@@ -108,20 +121,24 @@ inline void conv3x3(const float* x, const float* weight, const float* bias, floa
   const int Wf = W + 2;
   const std::ptrdiff_t row_pitch = std::ptrdiff_t(Wf) * C;
   framed.assign(std::size_t(H + 2) * row_pitch, 0.f);  // the frame stays zero; the inside is overwritten
+  const int band = conv_band_rows(H, row_pitch, std::size_t(9) * C * o_pitch);
   for (int n = 0; n < B; ++n) {
     const float* xn = x + std::size_t(n) * H * W * C;
     for (int y = 0; y < H; ++y)
       std::memcpy(&framed[(y + 1) * row_pitch + C], xn + std::size_t(y) * W * C, std::size_t(W) * C * sizeof(float));
     float* on = out + std::size_t(n) * H * W * O;
-    for (int o0 = 0; o0 < O; o0 += kBlock) {
-      const int o_valid = std::min(kBlock, O - o0);
-      for (int y = 0; y < H; ++y) {
-        const float* s = &framed[y * row_pitch];
-        float* d = on + std::size_t(y) * W * O + o0;
-        if (o_valid > kLanes)
-          conv_row<2>(s, C, row_pitch, w.data() + o0, o_pitch, b.data() + o0, d, o_valid, O, W);
-        else
-          conv_row<1>(s, C, row_pitch, w.data() + o0, o_pitch, b.data() + o0, d, o_valid, O, W);
+    for (int y0 = 0; y0 < H; y0 += band) {
+      const int y1 = std::min(H, y0 + band);
+      for (int o0 = 0; o0 < O; o0 += kBlock) {
+        const int o_valid = std::min(kBlock, O - o0);
+        for (int y = y0; y < y1; ++y) {
+          const float* s = &framed[y * row_pitch];
+          float* d = on + std::size_t(y) * W * O + o0;
+          if (o_valid > kLanes)
+            conv_row<2>(s, C, row_pitch, w.data() + o0, o_pitch, b.data() + o0, d, o_valid, O, W);
+          else
+            conv_row<1>(s, C, row_pitch, w.data() + o0, o_pitch, b.data() + o0, d, o_valid, O, W);
+        }
       }
     }
   }

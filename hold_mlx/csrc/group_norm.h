@@ -13,57 +13,75 @@
 
 namespace hold_native {
 
-inline float silu(float x) {
+// tanh(h) from fastops' rational fit on |h| <= 9 (tanh rounds to +-1 beyond).
+inline float tanh_fit(float h) {
   constexpr float P[5] = HOLD_TANH_P, Q[5] = HOLD_TANH_Q;
-  constexpr float kClip = 9.f;  // tanh rounds to +-1 beyond
-  const float h = 0.5f * x;
+  constexpr float kClip = 9.f;
   const float y = std::min(std::max(h, -kClip), kClip);
   const float s = y * y, s2 = s * s;
   const float p = (P[4] * s2 + (P[3] * s + P[2])) * s2 + (P[1] * s + P[0]);
   const float q = (Q[4] * s2 + (Q[3] * s + Q[2])) * s2 + (Q[1] * s + Q[0]);
-  return h * (y * p / q) + h;
+  return y * p / q;
+}
+
+inline float silu(float x) {
+  const float h = 0.5f * x;
+  return h * tanh_fit(h) + h;
+}
+
+// d silu / dx = s + x s (1 - s), s = sigmoid(x) = (1 + tanh(x / 2)) / 2: fastops' SiLU VJP.
+inline float silu_grad(float x) {
+  const float s = 0.5f + 0.5f * tanh_fit(0.5f * x);
+  return s + x * s * (1.f - s);
+}
+
+// Per-channel mean and 1/std of one image xn (P, C), each the value of the channel's group:
+// pass 1 the group means, pass 2 the variances from squared deviations (no cancellation, like
+// torch). `sums` is C floats of scratch.
+inline void group_stats(const float* __restrict xn, int P, int C, int groups, float eps, float* __restrict sums,
+                        float* __restrict means, float* __restrict rstds) {
+  const int per_group = C / groups;
+  const double count = double(P) * per_group;
+  std::fill(sums, sums + C, 0.f);
+  for (int p = 0; p < P; ++p)
+    for (int c = 0; c < C; ++c) sums[c] += xn[std::size_t(p) * C + c];
+  for (int g = 0; g < groups; ++g) {
+    double s = 0;
+    for (int c = g * per_group; c < (g + 1) * per_group; ++c) s += sums[c];
+    std::fill(means + g * per_group, means + (g + 1) * per_group, float(s / count));
+  }
+  std::fill(sums, sums + C, 0.f);
+  for (int p = 0; p < P; ++p)
+    for (int c = 0; c < C; ++c) {
+      const float d = xn[std::size_t(p) * C + c] - means[c];
+      sums[c] += d * d;
+    }
+  for (int g = 0; g < groups; ++g) {
+    double s = 0;
+    for (int c = g * per_group; c < (g + 1) * per_group; ++c) s += sums[c];
+    std::fill(rstds + g * per_group, rstds + (g + 1) * per_group, float(1.0 / std::sqrt(s / count + double(eps))));
+  }
 }
 
 // x, out (B, P, C) with P pixels; gamma, beta (C).
 inline void group_norm(const float* x, const float* gamma, const float* beta, float* out, int B, int P, int C,
                        int groups, float eps, bool act) {
-  const int per_group = C / groups;
-  const double count = double(P) * per_group;
   thread_local std::vector<float> scratch;
-  scratch.resize(std::size_t(4) * C);
+  scratch.resize(std::size_t(5) * C);
   // Plain restrict pointers: through the vectors, the compiler cannot prove the loops free of
   // aliasing and leaves them scalar (5x slower).
   float* __restrict sums = scratch.data();
   float* __restrict means = sums + C;
-  float* __restrict scale = means + C;
+  float* __restrict rstds = means + C;
+  float* __restrict scale = rstds + C;
   float* __restrict shift = scale + C;
   for (int n = 0; n < B; ++n) {
     const float* __restrict xn = x + std::size_t(n) * P * C;
     float* __restrict on = out + std::size_t(n) * P * C;
-    // Pass 1: group means.
-    std::fill(sums, sums + C, 0.f);
-    for (int p = 0; p < P; ++p)
-      for (int c = 0; c < C; ++c) sums[c] += xn[std::size_t(p) * C + c];
-    for (int g = 0; g < groups; ++g) {
-      double s = 0;
-      for (int c = g * per_group; c < (g + 1) * per_group; ++c) s += sums[c];
-      std::fill(means + g * per_group, means + (g + 1) * per_group, float(s / count));
-    }
-    // Pass 2: group variances from squared deviations (no cancellation, like torch).
-    std::fill(sums, sums + C, 0.f);
-    for (int p = 0; p < P; ++p)
-      for (int c = 0; c < C; ++c) {
-        const float d = xn[std::size_t(p) * C + c] - means[c];
-        sums[c] += d * d;
-      }
-    for (int g = 0; g < groups; ++g) {
-      double s = 0;
-      for (int c = g * per_group; c < (g + 1) * per_group; ++c) s += sums[c];
-      const float rstd = float(1.0 / std::sqrt(s / count + double(eps)));
-      for (int c = g * per_group; c < (g + 1) * per_group; ++c) {
-        scale[c] = gamma[c] * rstd;
-        shift[c] = beta[c] - means[c] * scale[c];
-      }
+    group_stats(xn, P, C, groups, eps, sums, means, rstds);
+    for (int c = 0; c < C; ++c) {
+      scale[c] = gamma[c] * rstds[c];
+      shift[c] = beta[c] - means[c] * scale[c];
     }
     // Pass 3: normalise, affine map, SiLU.
     for (int p = 0; p < P; ++p) {
@@ -74,6 +92,83 @@ inline void group_norm(const float* x, const float* gamma, const float* beta, fl
       else
         for (int c = 0; c < C; ++c) op[c] = xp[c] * scale[c] + shift[c];
     }
+  }
+}
+
+// The gradient of group_norm (+ SiLU): x, dz, dx (B, P, C); gamma, beta, dgamma, dbeta (C).
+// With xhat = (x - mean) rstd, y = gamma xhat + beta and dy = dz silu'(y) (or dz):
+//   dbeta = sum dy, dgamma = sum dy xhat (over images and pixels),
+//   dx = rstd (gamma dy - (S1 + xhat S2) / N), S1, S2 = sums over the group of gamma dy and
+//   gamma dy xhat, N = numbers per group.
+// Per image: the statistics again (two passes), dy into dx with the per-channel sums (pass 3),
+// then dx in place (pass 4), all from L2 cache.
+inline void group_norm_backward(const float* x, const float* gamma, const float* beta, const float* dz, float* dx,
+                                float* dgamma, float* dbeta, int B, int P, int C, int groups, float eps, bool act) {
+  const int per_group = C / groups;
+  const double count = double(P) * per_group;
+  thread_local std::vector<float> scratch;
+  thread_local std::vector<double> totals;
+  scratch.resize(std::size_t(8) * C);
+  totals.assign(std::size_t(2) * C, 0.0);
+  float* __restrict sums = scratch.data();
+  float* __restrict means = sums + C;
+  float* __restrict rstds = means + C;
+  float* __restrict scale = rstds + C;
+  float* __restrict shift = scale + C;
+  float* __restrict sum_dy = shift + C;
+  float* __restrict sum_dy_xhat = sum_dy + C;
+  float* __restrict coef = sum_dy_xhat + C;
+  for (int n = 0; n < B; ++n) {
+    const float* __restrict xn = x + std::size_t(n) * P * C;
+    const float* __restrict dzn = dz + std::size_t(n) * P * C;
+    float* __restrict dxn = dx + std::size_t(n) * P * C;
+    group_stats(xn, P, C, groups, eps, sums, means, rstds);
+    for (int c = 0; c < C; ++c) {
+      scale[c] = gamma[c] * rstds[c];
+      shift[c] = beta[c] - means[c] * scale[c];
+      sum_dy[c] = 0.f;
+      sum_dy_xhat[c] = 0.f;
+    }
+    // Pass 3: dy (stored in dx) and its per-channel sums; sum dy xhat = rstd sum dy (x - mean).
+    for (int p = 0; p < P; ++p) {
+      const float* __restrict xp = xn + std::size_t(p) * C;
+      const float* __restrict dzp = dzn + std::size_t(p) * C;
+      float* __restrict dyp = dxn + std::size_t(p) * C;
+      for (int c = 0; c < C; ++c) {
+        const float dy = act ? dzp[c] * silu_grad(xp[c] * scale[c] + shift[c]) : dzp[c];
+        dyp[c] = dy;
+        sum_dy[c] += dy;
+        sum_dy_xhat[c] += dy * (xp[c] - means[c]);
+      }
+    }
+    // dx = a dy + b x + d per channel: a = gamma rstd, b = -rstd^2 S2 / N, d = -rstd (S1 - rstd mean S2) / N.
+    for (int g = 0; g < groups; ++g) {
+      double s1 = 0, s2 = 0;
+      for (int c = g * per_group; c < (g + 1) * per_group; ++c) {
+        sum_dy_xhat[c] *= rstds[c];
+        s1 += double(gamma[c]) * sum_dy[c];
+        s2 += double(gamma[c]) * sum_dy_xhat[c];
+      }
+      for (int c = g * per_group; c < (g + 1) * per_group; ++c) {
+        const double r = rstds[c];
+        sums[c] = float(-r * r * s2 / count);                      // b
+        coef[c] = float(-r * (s1 - r * double(means[c]) * s2) / count);  // d
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      totals[c] += sum_dy_xhat[c];
+      totals[C + c] += sum_dy[c];
+    }
+    // Pass 4: dx in place of dy.
+    for (int p = 0; p < P; ++p) {
+      const float* __restrict xp = xn + std::size_t(p) * C;
+      float* __restrict dxp = dxn + std::size_t(p) * C;
+      for (int c = 0; c < C; ++c) dxp[c] = scale[c] * dxp[c] + sums[c] * xp[c] + coef[c];
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    dgamma[c] = float(totals[c]);
+    dbeta[c] = float(totals[C + c]);
   }
 }
 
