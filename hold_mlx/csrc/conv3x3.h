@@ -20,17 +20,15 @@
 #include <vector>
 
 #include "cpu_cache.h"
+#include "simd.h"
 
 namespace hold_native {
 
 #if defined(__AVX512F__)
-constexpr int kLanes = 16, kMaxPixels = 14;  // 32 zmm registers
-#elif defined(__AVX__)
-constexpr int kLanes = 8, kMaxPixels = 6;  // 16 ymm registers
+constexpr int kMaxPixels = 14;  // 32 zmm registers
 #else
-constexpr int kLanes = 4, kMaxPixels = 6;  // SSE / NEON
+constexpr int kMaxPixels = 6;  // 16 ymm / xmm registers (32 NEON registers: room to spare)
 #endif
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
 
 // f(std::integral_constant<int, n>{}) for a runtime 0 < n < kMaxPixels: the tail tiles, whose
 // sizes must be compile-time constants for their accumulators to live in registers.
@@ -54,8 +52,7 @@ inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pit
                       int o_pitch_out) {
   vec acc[NP][NV];
   for (int v = 0; v < NV; ++v) {
-    vec b;
-    std::memcpy(&b, bias + v * kLanes, sizeof(vec));
+    const vec b = load(bias + v * kLanes);
     for (int p = 0; p < NP; ++p) acc[p][v] = b;
   }
   for (int dy = 0; dy < 3; ++dy)
@@ -64,7 +61,7 @@ inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pit
       const float* wt = w + (dy * 3 + dx) * C * o_pitch;
       for (int c = 0; c < C; ++c) {
         vec wv[NV];
-        for (int v = 0; v < NV; ++v) std::memcpy(&wv[v], wt + c * o_pitch + v * kLanes, sizeof(vec));
+        for (int v = 0; v < NV; ++v) wv[v] = load(wt + c * o_pitch + v * kLanes);
         for (int p = 0; p < NP; ++p) {
           const float x = s[p * C + c];
           for (int v = 0; v < NV; ++v) acc[p][v] += x * wv[v];
@@ -73,10 +70,10 @@ inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pit
     }
   for (int p = 0; p < NP; ++p) {
     if (o_valid == NV * kLanes) {
-      std::memcpy(dst + p * o_pitch_out, acc[p], sizeof(acc[p]));
+      for (int v = 0; v < NV; ++v) store(dst + p * o_pitch_out + v * kLanes, acc[p][v]);
     } else {
       float lanes[NV * kLanes];
-      std::memcpy(lanes, acc[p], sizeof(lanes));
+      for (int v = 0; v < NV; ++v) store(lanes + v * kLanes, acc[p][v]);
       std::memcpy(dst + p * o_pitch_out, lanes, o_valid * sizeof(float));
     }
   }
@@ -157,19 +154,14 @@ inline void weight_grad_tile(const float* __restrict src, int C, int W, std::ptr
       const float* s = src + y * row_pitch + x * C;
       const float* gp = g + (std::size_t(y) * W + x) * O;
       vec gv[NV];
-      for (int v = 0; v < NV; ++v) std::memcpy(&gv[v], gp + v * kLanes, sizeof(vec));
+      for (int v = 0; v < NV; ++v) gv[v] = load(gp + v * kLanes);
       for (int i = 0; i < NC; ++i) {
         const float xi = s[i];
         for (int v = 0; v < NV; ++v) acc[i][v] += xi * gv[v];
       }
     }
   for (int i = 0; i < NC; ++i)
-    for (int v = 0; v < NV; ++v) {
-      vec d;
-      std::memcpy(&d, dw + i * o_pitch + v * kLanes, sizeof(vec));
-      d += acc[i][v];
-      std::memcpy(dw + i * o_pitch + v * kLanes, &d, sizeof(vec));
-    }
+    for (int v = 0; v < NV; ++v) store(dw + i * o_pitch + v * kLanes, load(dw + i * o_pitch + v * kLanes) + acc[i][v]);
 }
 
 template <int NV>

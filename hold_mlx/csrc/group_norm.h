@@ -1,6 +1,7 @@
 // GroupNorm (+ SiLU) over channels-last float32 images, torch's definition: groups of adjacent
-// channels, biased variance, two passes. One image at a time, so the three passes over it
-// (channel sums, squared deviations, normalise + affine + SiLU) run from L2 cache.
+// channels, biased variance, two passes; and its gradient. One image at a time, so the passes
+// over it (channel sums, squared deviations, normalise + affine + SiLU) run from L2 cache.
+// Loops over channels run in explicit vectors of this build's width (simd.h).
 //
 // SiLU is h + h tanh(h), h = x / 2, with the rational tanh of hold_mlx/fastops.py; its
 // coefficients come from there as the macros HOLD_TANH_P / HOLD_TANH_Q (native.py passes them).
@@ -11,27 +12,32 @@
 #include <cstddef>
 #include <vector>
 
+#include "simd.h"
+
 namespace hold_native {
 
-// tanh(h) from fastops' rational fit on |h| <= 9 (tanh rounds to +-1 beyond).
-inline float tanh_fit(float h) {
+// tanh(h) from fastops' rational fit on |h| <= 9 (tanh rounds to +-1 beyond); T = vec or float.
+template <class T>
+inline T tanh_fit(T h) {
   constexpr float P[5] = HOLD_TANH_P, Q[5] = HOLD_TANH_Q;
   constexpr float kClip = 9.f;
-  const float y = std::min(std::max(h, -kClip), kClip);
-  const float s = y * y, s2 = s * s;
-  const float p = (P[4] * s2 + (P[3] * s + P[2])) * s2 + (P[1] * s + P[0]);
-  const float q = (Q[4] * s2 + (Q[3] * s + Q[2])) * s2 + (Q[1] * s + Q[0]);
+  const T y = min(max(h, splat<T>(-kClip)), splat<T>(kClip));
+  const T s = y * y, s2 = s * s;
+  const T p = (P[4] * s2 + (P[3] * s + P[2])) * s2 + (P[1] * s + P[0]);
+  const T q = (Q[4] * s2 + (Q[3] * s + Q[2])) * s2 + (Q[1] * s + Q[0]);
   return y * p / q;
 }
 
-inline float silu(float x) {
-  const float h = 0.5f * x;
+template <class T>
+inline T silu(T x) {
+  const T h = 0.5f * x;
   return h * tanh_fit(h) + h;
 }
 
 // d silu / dx = s + x s (1 - s), s = sigmoid(x) = (1 + tanh(x / 2)) / 2: fastops' SiLU VJP.
-inline float silu_grad(float x) {
-  const float s = 0.5f + 0.5f * tanh_fit(0.5f * x);
+template <class T>
+inline T silu_grad(T x) {
+  const T s = 0.5f + 0.5f * tanh_fit(0.5f * x);
   return s + x * s * (1.f - s);
 }
 
@@ -43,19 +49,27 @@ inline void group_stats(const float* __restrict xn, int P, int C, int groups, fl
   const int per_group = C / groups;
   const double count = double(P) * per_group;
   std::fill(sums, sums + C, 0.f);
-  for (int p = 0; p < P; ++p)
-    for (int c = 0; c < C; ++c) sums[c] += xn[std::size_t(p) * C + c];
+  for (int p = 0; p < P; ++p) {
+    const float* xp = xn + std::size_t(p) * C;
+    for_lanes(C, [&](auto t, int c) {
+      using T = decltype(t);
+      st<T>(sums + c, ld<T>(sums + c) + ld<T>(xp + c));
+    });
+  }
   for (int g = 0; g < groups; ++g) {
     double s = 0;
     for (int c = g * per_group; c < (g + 1) * per_group; ++c) s += sums[c];
     std::fill(means + g * per_group, means + (g + 1) * per_group, float(s / count));
   }
   std::fill(sums, sums + C, 0.f);
-  for (int p = 0; p < P; ++p)
-    for (int c = 0; c < C; ++c) {
-      const float d = xn[std::size_t(p) * C + c] - means[c];
-      sums[c] += d * d;
-    }
+  for (int p = 0; p < P; ++p) {
+    const float* xp = xn + std::size_t(p) * C;
+    for_lanes(C, [&](auto t, int c) {
+      using T = decltype(t);
+      const T d = ld<T>(xp + c) - ld<T>(means + c);
+      st<T>(sums + c, ld<T>(sums + c) + d * d);
+    });
+  }
   for (int g = 0; g < groups; ++g) {
     double s = 0;
     for (int c = g * per_group; c < (g + 1) * per_group; ++c) s += sums[c];
@@ -68,16 +82,14 @@ inline void group_norm(const float* x, const float* gamma, const float* beta, fl
                        int groups, float eps, bool act) {
   thread_local std::vector<float> scratch;
   scratch.resize(std::size_t(5) * C);
-  // Plain restrict pointers: through the vectors, the compiler cannot prove the loops free of
-  // aliasing and leaves them scalar (5x slower).
-  float* __restrict sums = scratch.data();
-  float* __restrict means = sums + C;
-  float* __restrict rstds = means + C;
-  float* __restrict scale = rstds + C;
-  float* __restrict shift = scale + C;
+  float* sums = scratch.data();
+  float* means = sums + C;
+  float* rstds = means + C;
+  float* scale = rstds + C;
+  float* shift = scale + C;
   for (int n = 0; n < B; ++n) {
-    const float* __restrict xn = x + std::size_t(n) * P * C;
-    float* __restrict on = out + std::size_t(n) * P * C;
+    const float* xn = x + std::size_t(n) * P * C;
+    float* on = out + std::size_t(n) * P * C;
     group_stats(xn, P, C, groups, eps, sums, means, rstds);
     for (int c = 0; c < C; ++c) {
       scale[c] = gamma[c] * rstds[c];
@@ -85,12 +97,13 @@ inline void group_norm(const float* x, const float* gamma, const float* beta, fl
     }
     // Pass 3: normalise, affine map, SiLU.
     for (int p = 0; p < P; ++p) {
-      const float* __restrict xp = xn + std::size_t(p) * C;
-      float* __restrict op = on + std::size_t(p) * C;
-      if (act)
-        for (int c = 0; c < C; ++c) op[c] = silu(xp[c] * scale[c] + shift[c]);
-      else
-        for (int c = 0; c < C; ++c) op[c] = xp[c] * scale[c] + shift[c];
+      const float* xp = xn + std::size_t(p) * C;
+      float* op = on + std::size_t(p) * C;
+      for_lanes(C, [&](auto t, int c) {
+        using T = decltype(t);
+        const T y = ld<T>(xp + c) * ld<T>(scale + c) + ld<T>(shift + c);
+        st<T>(op + c, act ? silu(y) : y);
+      });
     }
   }
 }
@@ -108,20 +121,21 @@ inline void group_norm_backward(const float* x, const float* gamma, const float*
   const double count = double(P) * per_group;
   thread_local std::vector<float> scratch;
   thread_local std::vector<double> totals;
-  scratch.resize(std::size_t(8) * C);
+  scratch.resize(std::size_t(9) * C);
   totals.assign(std::size_t(2) * C, 0.0);
-  float* __restrict sums = scratch.data();
-  float* __restrict means = sums + C;
-  float* __restrict rstds = means + C;
-  float* __restrict scale = rstds + C;
-  float* __restrict shift = scale + C;
-  float* __restrict sum_dy = shift + C;
-  float* __restrict sum_dy_xhat = sum_dy + C;
-  float* __restrict coef = sum_dy_xhat + C;
+  float* sums = scratch.data();
+  float* means = sums + C;
+  float* rstds = means + C;
+  float* scale = rstds + C;
+  float* shift = scale + C;
+  float* sum_dy = shift + C;
+  float* sum_dy_xhat = sum_dy + C;
+  float* slope = sum_dy_xhat + C;
+  float* offset = slope + C;
   for (int n = 0; n < B; ++n) {
-    const float* __restrict xn = x + std::size_t(n) * P * C;
-    const float* __restrict dzn = dz + std::size_t(n) * P * C;
-    float* __restrict dxn = dx + std::size_t(n) * P * C;
+    const float* xn = x + std::size_t(n) * P * C;
+    const float* dzn = dz + std::size_t(n) * P * C;
+    float* dxn = dx + std::size_t(n) * P * C;
     group_stats(xn, P, C, groups, eps, sums, means, rstds);
     for (int c = 0; c < C; ++c) {
       scale[c] = gamma[c] * rstds[c];
@@ -131,17 +145,20 @@ inline void group_norm_backward(const float* x, const float* gamma, const float*
     }
     // Pass 3: dy (stored in dx) and its per-channel sums; sum dy xhat = rstd sum dy (x - mean).
     for (int p = 0; p < P; ++p) {
-      const float* __restrict xp = xn + std::size_t(p) * C;
-      const float* __restrict dzp = dzn + std::size_t(p) * C;
-      float* __restrict dyp = dxn + std::size_t(p) * C;
-      for (int c = 0; c < C; ++c) {
-        const float dy = act ? dzp[c] * silu_grad(xp[c] * scale[c] + shift[c]) : dzp[c];
-        dyp[c] = dy;
-        sum_dy[c] += dy;
-        sum_dy_xhat[c] += dy * (xp[c] - means[c]);
-      }
+      const float* xp = xn + std::size_t(p) * C;
+      const float* dzp = dzn + std::size_t(p) * C;
+      float* dyp = dxn + std::size_t(p) * C;
+      for_lanes(C, [&](auto t, int c) {
+        using T = decltype(t);
+        const T xv = ld<T>(xp + c), dzv = ld<T>(dzp + c);
+        const T dy = act ? dzv * silu_grad(xv * ld<T>(scale + c) + ld<T>(shift + c)) : dzv;
+        st<T>(dyp + c, dy);
+        st<T>(sum_dy + c, ld<T>(sum_dy + c) + dy);
+        st<T>(sum_dy_xhat + c, ld<T>(sum_dy_xhat + c) + dy * (xv - ld<T>(means + c)));
+      });
     }
-    // dx = a dy + b x + d per channel: a = gamma rstd, b = -rstd^2 S2 / N, d = -rstd (S1 - rstd mean S2) / N.
+    // dx = gamma rstd dy + slope x + offset per channel: slope = -rstd^2 S2 / N,
+    // offset = -rstd (S1 - rstd mean S2) / N.
     for (int g = 0; g < groups; ++g) {
       double s1 = 0, s2 = 0;
       for (int c = g * per_group; c < (g + 1) * per_group; ++c) {
@@ -151,8 +168,8 @@ inline void group_norm_backward(const float* x, const float* gamma, const float*
       }
       for (int c = g * per_group; c < (g + 1) * per_group; ++c) {
         const double r = rstds[c];
-        sums[c] = float(-r * r * s2 / count);                      // b
-        coef[c] = float(-r * (s1 - r * double(means[c]) * s2) / count);  // d
+        slope[c] = float(-r * r * s2 / count);
+        offset[c] = float(-r * (s1 - r * double(means[c]) * s2) / count);
       }
     }
     for (int c = 0; c < C; ++c) {
@@ -161,9 +178,12 @@ inline void group_norm_backward(const float* x, const float* gamma, const float*
     }
     // Pass 4: dx in place of dy.
     for (int p = 0; p < P; ++p) {
-      const float* __restrict xp = xn + std::size_t(p) * C;
-      float* __restrict dxp = dxn + std::size_t(p) * C;
-      for (int c = 0; c < C; ++c) dxp[c] = scale[c] * dxp[c] + sums[c] * xp[c] + coef[c];
+      const float* xp = xn + std::size_t(p) * C;
+      float* dxp = dxn + std::size_t(p) * C;
+      for_lanes(C, [&](auto t, int c) {
+        using T = decltype(t);
+        st<T>(dxp + c, ld<T>(scale + c) * ld<T>(dxp + c) + ld<T>(slope + c) * ld<T>(xp + c) + ld<T>(offset + c));
+      });
     }
   }
   for (int c = 0; c < C; ++c) {
