@@ -57,8 +57,7 @@ _X86_V3 = ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm")
 _VARIANT_SPECS = {
     "avx512": (("-march=x86-64-v4", "-mtune=generic", "-mprefer-vector-width=512"),
                _X86_V3 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")),
-    "avx2": (("-march=x86-64-v3", "-mtune=generic", "-mno-avx256-split-unaligned-load",
-              "-mno-avx256-split-unaligned-store"), _X86_V3),
+    "avx2": (("-march=x86-64-v3", "-mtune=generic"), _X86_V3),
     "portable": ((), ()),  # the architecture's baseline: SSE2 on x86-64, NEON on ARM64
 }
 
