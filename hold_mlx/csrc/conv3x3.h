@@ -44,7 +44,7 @@ inline void with_tile_size(int n, F&& f) {
 
 // out[p, :] = bias + sum over taps (dy, dx) and channels c of src[dy, p + dx, c] * w[dy, dx, c, :]
 // for NP pixels p and NV * kLanes output channels. `src` is the framed input at the tile's
-// first pixel; `w` is (9, C, o_pitch) with this tile's channels first; `o_valid` channels are
+// first pixel; `w` is (9, C, o_pitch) with this tile's channels first (o_pitch = the block); `o_valid` channels are
 // written to `dst` (pixel pitch `o_pitch_out`).
 template <int NP, int NV>
 inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pitch, const float* __restrict w,
@@ -106,13 +106,15 @@ inline void conv3x3(const float* x, const float* weight, const float* bias, floa
                     int C, int O) {
   constexpr int kBlock = 2 * kLanes;  // output channels per pass over an image
   const int o_pitch = (O + kBlock - 1) / kBlock * kBlock;
-  // Weights to (tap, C, O) with O zero-padded to whole blocks; bias likewise.
+  // Weights to (O block, tap, C, kBlock) with O zero-padded to whole blocks: a tile streams its
+  // block's weights contiguously. Bias likewise padded.
   thread_local std::vector<float> w, b, framed;
   w.assign(std::size_t(9) * C * o_pitch, 0.f);
   b.assign(o_pitch, 0.f);
   for (int o = 0; o < O; ++o) {
+    float* wb = &w[std::size_t(o / kBlock) * 9 * C * kBlock + o % kBlock];
     for (int t = 0; t < 9; ++t)
-      for (int c = 0; c < C; ++c) w[(std::size_t(t) * C + c) * o_pitch + o] = weight[(std::size_t(o) * 9 + t) * C + c];
+      for (int c = 0; c < C; ++c) wb[(std::size_t(t) * C + c) * kBlock] = weight[(std::size_t(o) * 9 + t) * C + c];
     b[o] = bias[o];
   }
   const int Wf = W + 2;
@@ -131,10 +133,11 @@ inline void conv3x3(const float* x, const float* weight, const float* bias, floa
         for (int y = y0; y < y1; ++y) {
           const float* s = &framed[y * row_pitch];
           float* d = on + std::size_t(y) * W * O + o0;
+          const float* wb = w.data() + std::size_t(o0) * 9 * C;  // block o0 / kBlock
           if (o_valid > kLanes)
-            conv_row<2>(s, C, row_pitch, w.data() + o0, o_pitch, b.data() + o0, d, o_valid, O, W);
+            conv_row<2>(s, C, row_pitch, wb, kBlock, b.data() + o0, d, o_valid, O, W);
           else
-            conv_row<1>(s, C, row_pitch, w.data() + o0, o_pitch, b.data() + o0, d, o_valid, O, W);
+            conv_row<1>(s, C, row_pitch, wb, kBlock, b.data() + o0, d, o_valid, O, W);
         }
       }
     }
