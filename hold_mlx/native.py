@@ -119,8 +119,9 @@ def choose_variant() -> tuple[str, str]:
     isa = supported[0]
     why = {"avx512": "the CPU has AVX-512 (F/BW/CD/DQ/VL)",
            "avx2": "the CPU has AVX2 and FMA but not AVX-512",
-           "portable": ("the CPU has neither AVX2+FMA nor AVX-512" if _is_x86()
-                        else f"{platform.machine()}: the baseline vector unit (NEON on ARM64)")}[isa]
+           "portable": (f"{platform.machine()}: the baseline vector unit (NEON on ARM64)" if not _is_x86()
+                        else "the CPU has neither AVX2+FMA nor AVX-512" if cpu_flags()
+                        else "the CPU's instruction sets are unknown (no /proc/cpuinfo)")}[isa]
     return isa, why
 
 

@@ -559,9 +559,10 @@ def report(args, rows: list[tuple[str, dict]], rate: dict, flops: float, blas_ro
 
 DOC_HEAD = """# Benchmarks
 
-Measured by `{command}` ({when}). The script prints this table and rewrites this file; rerun it
-on a quiet machine for figures you quote (other processes on the cores change every number).
-Column meanings: *net call* is one call of the score function at the sampling batch;
+One section per kind of CPU (its model and widest vector instruction set), each written by
+`python tools/benchmark.py` on such a machine: a run replaces its own CPU's section and keeps the
+others. Rerun it on a quiet machine for figures you quote (other processes on the cores change
+every number). Column meanings: *net call* is one call of the score function at the sampling batch;
 */ floor* divides a time by the FLOP floor (model FLOPs x images (x NFE) / the measured matmul
 rate; training counts 3x the forward FLOPs); *sampler overhead* is the time of a sample with a
 zero-cost score function as a fraction of the real sample (the same steps, noise and adapter);
@@ -638,11 +639,34 @@ def main(argv=None):
     table = report(args, rows, rate, flops, blas_rows, model_note)
     print(table)
     if not args.no_docs:
-        doc = DOC_HEAD.format(command=COMMAND + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""),
-                              when=time.strftime("%Y-%m-%d"))
-        (ROOT / "docs").mkdir(exist_ok=True)
-        (ROOT / "docs" / "benchmarks.md").write_text(doc + table + "\n")
+        command = COMMAND + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+        section = f"Measured by `{command}` ({time.strftime('%Y-%m-%d')}).\n\n{table}\n"
+        write_doc_section(ROOT / "docs" / "benchmarks.md", cpu_kind(), section)
     tmp.cleanup()
+
+
+def cpu_kind() -> str:
+    """The heading of this CPU's section in benchmarks.md: model and widest vector unit."""
+    stamp = machine_stamp()
+    model = stamp.split("CPU: ", 1)[1].split(", ISA:", 1)[0]
+    flags = stamp.split("ISA: ", 1)[1].split(";", 1)[0].split()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "baseline"
+    if "emulated AVX2" in stamp:
+        isa = "AVX2, emulated on an AVX-512 CPU"
+    return f"{model}, {isa}"
+
+
+def write_doc_section(path: Path, kind: str, body: str) -> None:
+    """Replace (or append) the `## kind` section of the benchmarks page, keeping the others."""
+    text = path.read_text() if path.exists() else ""
+    head, _, rest = text.partition("\n## ")
+    if not head.startswith("# Benchmarks"):
+        head, rest = "", ""
+    sections = [sec for sec in ("## " + rest).split("\n## ") if rest] if rest else []
+    sections = ["## " + sec.removeprefix("## ") for sec in sections]
+    sections = [sec for sec in sections if sec.splitlines()[0] != f"## {kind}"] + [f"## {kind}\n\n{body}"]
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(DOC_HEAD.rstrip() + "\n\n" + "\n".join(sec.rstrip() + "\n" for sec in sections))
 
 
 if __name__ == "__main__":
