@@ -99,6 +99,10 @@ def test_bad_shapes_and_dtypes_are_refused():
     with pytest.raises(ValueError, match="float32"):
         module.conv3x3(x.astype(mx.float16), mx.zeros((16, 3, 3, 4), dtype=mx.float16),
                        mx.zeros((16,), dtype=mx.float16))
+    with pytest.raises(ValueError, match="grad"):
+        module.group_norm_backward(x, mx.ones((4,)), mx.zeros((4,)), mx.zeros((1, 8, 8, 5)), 2, 1e-5)
+    with pytest.raises(ValueError, match="groups"):
+        module.group_norm_backward(x, mx.ones((4,)), mx.zeros((4,)), x, 3, 1e-5)
 
 
 def test_failed_build_falls_back_and_is_not_retried(fresh_native, monkeypatch):

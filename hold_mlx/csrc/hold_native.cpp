@@ -209,8 +209,9 @@ mx::array conv3x3_weight_grad(const mx::array& x, const mx::array& grad, mx::Str
                    {mx::contiguous(x, false, stream), mx::contiguous(grad, false, stream)});
 }
 
-mx::array group_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps,
-                     bool act, mx::StreamOrDevice s) {
+// group_norm's argument checks (also group_norm_backward's); returns the CPU stream.
+mx::Stream check_group_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups,
+                            mx::StreamOrDevice s) {
   if (x.ndim() < 2 || weight.ndim() != 1 || bias.ndim() != 1 || weight.shape(0) != x.shape(-1) ||
       bias.shape(0) != x.shape(-1))
     throw std::invalid_argument("group_norm: expected x (B, ..., C), weight (C,), bias (C,); got " + shape_str(x) +
@@ -222,6 +223,12 @@ mx::array group_norm(const mx::array& x, const mx::array& weight, const mx::arra
     throw std::invalid_argument("group_norm: float32 arrays only");
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu) throw std::invalid_argument("group_norm: needs a CPU stream");
+  return stream;
+}
+
+mx::array group_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps,
+                     bool act, mx::StreamOrDevice s) {
+  auto stream = check_group_norm(x, weight, bias, groups, s);
   return mx::array(x.shape(), mx::float32, std::make_shared<GroupNorm>(stream, groups, eps, act),
                    {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream),
                     mx::contiguous(bias, false, stream)});
@@ -234,9 +241,7 @@ std::vector<mx::array> group_norm_backward(const mx::array& x, const mx::array& 
     throw std::invalid_argument("group_norm_backward: grad " + shape_str(grad) + " must have x's shape " +
                                 shape_str(x));
   if (grad.dtype() != mx::float32) throw std::invalid_argument("group_norm_backward: float32 arrays only");
-  auto stream = mx::to_stream(s);
-  // The forward's checks: shapes, groups, dtypes, device.
-  group_norm(x, weight, bias, groups, eps, act, stream);
+  auto stream = check_group_norm(x, weight, bias, groups, s);
   const mx::Shape channels{x.shape(-1)};
   return mx::array::make_arrays({x.shape(), channels, channels}, {mx::float32, mx::float32, mx::float32},
                                 std::make_shared<GroupNormBackward>(stream, groups, eps, act),
