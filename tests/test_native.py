@@ -87,6 +87,8 @@ def test_empty_batch():
     assert module.group_norm(x, mx.ones((16,)), mx.zeros((16,)), 4, 1e-6, True).shape == (0, 8, 8, 16)
     dw = module.conv3x3_weight_grad(x, x)
     assert dw.shape == (16, 3, 3, 16) and mx.abs(dw).max().item() == 0.0
+    dx, dgamma, dbeta = module.group_norm_backward(x, mx.ones((16,)), mx.zeros((16,)), x, 4, 1e-6, True)
+    assert dx.shape == x.shape and mx.abs(dgamma).max().item() == 0.0 and mx.abs(dbeta).max().item() == 0.0
 
 
 def test_bad_shapes_and_dtypes_are_refused():
