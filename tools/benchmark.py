@@ -105,7 +105,7 @@ def machine_stamp(threads: int | None = None) -> str:
             pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     line = (f"CPU: {model} ({platform.machine()}), ISA: {' '.join(isa)}; {cores} cores"
-            + (f", {threads} threads per backend" if threads else "") + "; " + ", ".join(versions) + ".")
+            + (f", {threads} thread{'s' if threads != 1 else ''} per backend" if threads else "") + "; " + ", ".join(versions) + ".")
     if os.environ.get("HOLD_MLX_NATIVE_ISA") == EMULATE_AVX2_ENV["HOLD_MLX_NATIVE_ISA"] and \
             os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2":
         line += " " + EMULATE_AVX2_NOTE + "."
