@@ -689,6 +689,13 @@ def doctor():
         if fastops.enabled():
             built = native.status()
             rows.append(("mlx native kernels", ("built: " if built.available else "unavailable: ") + built.detail))
+            if built.isa:
+                rows.append(("native variant", f"{built.isa} ({built.why}; this CPU runs: "
+                                               f"{', '.join(native.supported_variants())}; "
+                                               "HOLD_MLX_NATIVE_ISA=avx512|avx2|portable forces one)"))
+            if built.available:
+                l1, l2 = native.load().cache_sizes()
+                rows.append(("native blocking", f"for L1d {l1 // 1024} KiB, L2 {l2 // 1024} KiB (as the machine reports)"))
         else:
             rows.append(("mlx native kernels", "not used (MLX's own kernels are the fast ones here)"))
     except (ImportError, ValueError, OSError) as err:

@@ -60,11 +60,13 @@ class GroupNorm(nn.GroupNorm):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d that runs 3x3 stride-1 convolutions through ``fastops.conv3x3`` on the CPU."""
+    """nn.Conv2d that runs 3x3 convolutions (stride 1 or 2, padding 1) through ``fastops`` on the CPU."""
 
     def __call__(self, x):
-        if (fastops.enabled() and self.weight.shape[1:3] == (3, 3) and tuple(self.stride) == (1, 1)
+        if (fastops.enabled() and self.weight.shape[1:3] == (3, 3) and tuple(self.stride) in ((1, 1), (2, 2))
                 and tuple(self.padding) == (1, 1) and self.dilation in (1, (1, 1)) and "bias" in self):
+            if tuple(self.stride) == (2, 2):
+                return fastops.conv3x3_stride2(x, self.weight, self.bias)
             return fastops.conv3x3(x, self.weight, self.bias)
         return super().__call__(x)
 

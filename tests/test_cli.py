@@ -90,3 +90,8 @@ def test_doctor_reports_blas_and_datasets():
     native = next(line for line in out.splitlines() if line.startswith("mlx native kernels"))
     if sys.platform == "linux" and shutil.which("g++"):  # the kernels build on such a machine
         assert "built: " in native, native
+        from hold_mlx import native as native_module
+
+        isa, why = native_module.choose_variant()
+        variant = next(line for line in out.splitlines() if line.startswith("native variant"))
+        assert variant.split()[2] == isa and why in variant, variant

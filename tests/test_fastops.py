@@ -119,6 +119,29 @@ def test_conv3x3_matches_mlx_conv_with_gradients(shape, out_ch, path, monkeypatc
         assert mx.abs(a - r).max().item() < 1e-4 * max(1.0, mx.abs(r).max().item())
 
 
+@pytest.mark.parametrize("shape,out_ch", [((3, 8, 10, 5), 7), ((2, 28, 28, 16), 16), ((1, 14, 14, 64), 64),
+                                          ((2, 7, 9, 4), 8)])
+def test_conv3x3_stride2_matches_mlx_conv_with_gradients(shape, out_ch):
+    """The written-out gradient of the stride-2 convolution against MLX's autodiff (odd sizes: MLX's own)."""
+    mx.random.seed(sum(shape) + 1)
+    x = mx.random.normal(shape)
+    w = 0.3 * mx.random.normal((out_ch, 3, 3, shape[-1]))
+    b = mx.random.normal((out_ch,))
+
+    def stock(x, w, b):
+        return mx.conv2d(x, w, stride=2, padding=1) + b
+
+    got, want = fastops.conv3x3_stride2(x, w, b), stock(x, w, b)
+    assert got.shape == want.shape
+    assert mx.abs(got - want).max().item() < 1e-5 * max(1.0, mx.abs(want).max().item())
+    probe = mx.random.normal(want.shape)
+    g_fast = mx.grad(lambda *a: (fastops.conv3x3_stride2(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
+    g_ref = mx.grad(lambda *a: (stock(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
+    for name, a, r in zip(("dx", "dw", "db"), g_fast, g_ref):
+        assert a.shape == r.shape, name
+        assert mx.abs(a - r).max().item() < 1e-4 * max(1.0, mx.abs(r).max().item()), name
+
+
 def test_switch_follows_environment(monkeypatch):
     monkeypatch.setenv("HOLD_MLX_FASTOPS", "0")
     assert not fastops.enabled()

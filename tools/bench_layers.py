@@ -3,6 +3,7 @@ fast path vs the native kernels vs torch eager, one thread, in one run.
 
     python tools/bench_layers.py              # batch 64, 7 repeats (docs/performance.md)
     python tools/bench_layers.py --batch 8 --repeats 3
+    python tools/bench_layers.py --emulate-avx2   # every library held to AVX2 (tools/benchmark.py)
 
 Prints a markdown table of median milliseconds (forward; then forward + backward for the
 convolutions) and GFLOP/s of the native convolution. One thread everywhere: MLX on a single
@@ -13,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("HOLD_MLX_THREADS", "1")
 os.environ.setdefault("HOLD_MLX_BLAS_THREADS", "1")
 
-from benchmark import median_time, model_flops_per_image  # noqa: E402  (tools/benchmark.py, next to this file)
+from benchmark import EMULATE_AVX2_ENV, machine_stamp, median_time, model_flops_per_image  # noqa: E402
+
+if "--emulate-avx2" in sys.argv:  # before MLX, OpenBLAS and torch load: they read it once
+    os.environ.update(EMULATE_AVX2_ENV)
 
 from hold_mlx import fastops  # noqa: E402
 from hold_mlx._mlx import configure_cpu, mx, nn  # noqa: E402
@@ -45,6 +50,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--emulate-avx2", action="store_true", help="hold every library to AVX2 (onnxruntime excepted)")
     args = p.parse_args()
     configure_cpu()  # one stream, one BLAS thread (the environment above)
     import torch
@@ -101,9 +107,34 @@ def main():
                 torch.nn.functional.silu(norm(tx))
         rows.append(f"| GroupNorm+SiLU {size}², {c} | {stock:.1f} | {times[0]:.1f} | {times[1]:.1f} | "
                     f"{median_ms(torch_norm, r):.1f} | – |")
+    rows += stride2_rows(b, r)
     rows += whole_network_rows(b, r, native, mlx_paths)
-    print(f"Batch {b}, one thread, median ms of {r} (python tools/bench_layers.py --batch {b} --repeats {r}):\n")
+    flag = " --emulate-avx2" if args.emulate_avx2 else ""
+    print(machine_stamp() + f" Native kernels: {native.isa}.\n")
+    print(f"Batch {b}, one thread, median ms of {r} (python tools/bench_layers.py --batch {b} --repeats {r}{flag}):\n")
     print("\n".join(rows))
+
+
+def stride2_rows(b: int, r: int) -> list[str]:
+    """The Downsample convolutions (3x3, stride 2) forward + backward: MLX's own gradient vs
+    fastops' written-out one vs torch."""
+    import torch
+
+    rows = []
+    for size, c in ((28, 64), (14, 64)):
+        x, w, bias = mx.random.normal((b, size, size, c)), 0.1 * mx.random.normal((c, 3, 3, c)), mx.zeros((c,))
+        stock = median_ms(mlx_timer(lambda x, w, bias: mx.conv2d(x, w, stride=2, padding=1) + bias, x, w, bias,
+                                    grad=True), r)
+        fast = median_ms(mlx_timer(fastops.conv3x3_stride2, x, w, bias, grad=True), r)
+        conv = torch.nn.Conv2d(c, c, 3, stride=2, padding=1).to(memory_format=torch.channels_last)
+        tx = torch.randn(b, c, size, size).to(memory_format=torch.channels_last).requires_grad_(True)
+
+        def torch_step():
+            conv.zero_grad()
+            conv(tx).sum().backward()
+        rows.append(f"| conv {size}², {c}→{c} stride 2 fwd+bwd | {stock:.1f} | {fast:.1f} | {fast:.1f} | "
+                    f"{median_ms(torch_step, r):.1f} | – |")
+    return rows
 
 
 def whole_network_rows(b: int, r: int, native, mlx_paths) -> list[str]:

@@ -1,7 +1,17 @@
 """One benchmark of hold-mlx sampling and training on this machine: MLX vs torch eager vs onnxruntime.
 
     python tools/benchmark.py                         # full run, writes docs/benchmarks.md
-    python tools/benchmark.py --quick --no-docs       # a smoke run (few steps, one repeat)
+    python tools/benchmark.py --quick                 # regression check, < 2 min: ratios only
+    python tools/benchmark.py --quick --emulate-avx2  # the same with every library held to AVX2
+
+``--quick`` keeps one worker process per backend alive and interleaves them: each round times
+one full sample of the shipped model (``--steps``, batch ``--batch``) and one training step on
+every backend in turn, rotating the order; it prints the medians and the MLX/torch and
+MLX/onnxruntime ratios (below 1: MLX is faster). ``--emulate-avx2`` runs an AVX-512 machine as
+an AVX2-only one would: hold-mlx's AVX2 kernels, OpenBLAS's Haswell kernels, oneDNN and torch's
+own kernels capped at AVX2; onnxruntime's MLAS has no such switch and keeps AVX-512.
+Every table starts with a stamp: CPU model, the vector instruction sets that matter, cores and
+library versions.
 
 Every figure of a table is measured in the same run, each backend in its own subprocess with
 the same thread count (``--threads``, default: all cores of this process), warm-up calls
@@ -52,7 +62,54 @@ MLX_CONFIGS = [
 ]
 
 
+# Environment that makes an AVX-512 machine run like an AVX2-only one (--emulate-avx2). MLAS
+# (onnxruntime) picks its kernels from CPUID with no override, so onnxruntime keeps AVX-512.
+EMULATE_AVX2_ENV = {
+    "HOLD_MLX_NATIVE_ISA": "avx2",  # hold-mlx's native kernels (hold_mlx/native.py)
+    "OPENBLAS_CORETYPE": "Haswell",  # OpenBLAS (MLX's matmuls): its AVX2 kernels
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN 3.x in torch (convolutions); DNNL_MAX_CPU_ISA is the old name
+    "DNNL_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorised kernels
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL (torch's matmuls)
+}
+EMULATE_AVX2_NOTE = ("**emulated AVX2**: an AVX-512 CPU with hold-mlx, OpenBLAS, oneDNN, ATen and MKL held to "
+                     "AVX2 (" + ", ".join(f"{k}={v}" for k, v in EMULATE_AVX2_ENV.items())
+                     + "); onnxruntime's MLAS cannot be limited and keeps AVX-512")
+
+# The CPU flags that decide which kernels every library runs.
+_ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma", "avx", "asimd", "sve")
+
+
 # ----------------------------------------------------------------------------- helpers
+
+
+def machine_stamp(threads: int | None = None) -> str:
+    """One line naming the CPU, its vector instruction sets, the cores and the library versions."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model name") and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = [f for f in _ISA_FLAGS if f in flags] or ["(unknown)"]
+    versions = [f"Python {platform.python_version()}"]
+    for name in ("mlx", "torch", "onnxruntime", "numpy"):
+        try:
+            module = __import__(name + (".core" if name == "mlx" else ""), fromlist=["__version__"])
+            versions.append(f"{name} {module.__version__}")
+        except ImportError:
+            pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    line = (f"CPU: {model} ({platform.machine()}), ISA: {' '.join(isa)}; {cores} cores"
+            + (f", {threads} thread{'s' if threads != 1 else ''} per backend" if threads else "") + "; " + ", ".join(versions) + ".")
+    if os.environ.get("HOLD_MLX_NATIVE_ISA") == EMULATE_AVX2_ENV["HOLD_MLX_NATIVE_ISA"] and \
+            os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2":
+        line += " " + EMULATE_AVX2_NOTE + "."
+    return line
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -211,26 +268,7 @@ def load_backend(kind: str, checkpoint: Path, threads: int, workdir: Path):
 
 def train_step_time(kind: str, batch: int, repeats: int) -> float:
     """Median seconds of one optimisation step of the backend's trainer (random images)."""
-    from hold_mlx.data import Dataset
-    from hold_mlx.trainloop import TrainConfig
-
-    rng = np.random.default_rng(0)
-    data = Dataset("fashion-mnist", rng.uniform(-1, 1, (512, 28, 28, 1)).astype(np.float32), "image", 0.5, 0.5)
-    cfg = TrainConfig(dataset="fashion-mnist", net="fashion-mnist", sde="hold", batch_size=batch, warmup=10,
-                      backend=kind, save_every=10**6)
-    with tempfile.TemporaryDirectory() as out:
-        if kind == "mlx":
-            from hold_mlx.train import Trainer
-        else:
-            from hold_export.torch_train import TorchTrainer as Trainer
-        trainer = Trainer(cfg, out, dataset=data)
-        step = [0]
-
-        def one():
-            trainer._backend_step(trainer.batch(step[0]))
-            step[0] += 1
-
-        return median_time(one, repeats, warmup=2)
+    return median_time(train_step_runner(kind, batch), repeats, warmup=2)
 
 
 def worker(args) -> dict:
@@ -317,6 +355,128 @@ def blas_worker(args) -> dict:
     return out
 
 
+def quick_worker(args) -> None:
+    """A persistent worker for --quick: sets up its backend, says "ready", then answers each
+    "sample" / "train" line on stdin with the seconds that one run took."""
+    kind = args.worker.removeprefix("quick-")
+    if kind == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from hold_mlx.api import sample_full
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rt, _ = load_backend(kind, Path(args.checkpoint), args.threads, Path(tmp))
+        ops, shape = rt.ops, (args.batch,) + rt.data_shape
+
+        def sample():
+            ops.to_numpy(sample_full(rt.sde, rt.score_fn, shape, ops=ops, steps=max(args.steps), seed=0).x)
+
+        train = None
+        if kind in ("mlx", "torch") and not args.no_train:
+            train = train_step_runner(kind, args.batch)
+        sample()  # warm-up: compiled graphs, caches, the native build
+        if train:
+            train()
+            train()
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            what = line.strip()
+            fn = {"sample": sample, "train": train}.get(what)
+            if fn is None:
+                print(json.dumps({"error": f"cannot {what}"}), flush=True)
+                continue
+            start = time.perf_counter()
+            fn()
+            print(json.dumps({"s": time.perf_counter() - start}), flush=True)
+
+
+def train_step_runner(kind: str, batch: int):
+    """one() runs one optimisation step of the backend's trainer on random images; the trainer's
+    temporary run folder lives as long as the process."""
+    from hold_mlx.data import Dataset
+    from hold_mlx.trainloop import TrainConfig
+
+    rng = np.random.default_rng(0)
+    data = Dataset("fashion-mnist", rng.uniform(-1, 1, (512, 28, 28, 1)).astype(np.float32), "image", 0.5, 0.5)
+    cfg = TrainConfig(dataset="fashion-mnist", net="fashion-mnist", sde="hold", batch_size=batch, warmup=10,
+                      backend=kind, save_every=10**6)
+    out = tempfile.TemporaryDirectory(prefix="hold-bench-")
+    if kind == "mlx":
+        from hold_mlx.train import Trainer
+    else:
+        from hold_export.torch_train import TorchTrainer as Trainer
+    trainer = Trainer(cfg, out.name, dataset=data)
+    step = [0]
+
+    def one():
+        trainer._backend_step(trainer.batch(step[0]))
+        step[0] += 1
+
+    one.run_folder = out  # removed when the runner goes
+    return one
+
+
+QUICK_BACKENDS = (("MLX", "mlx"), ("torch", "torch"), ("onnxruntime", "onnx"))
+
+
+def quick(args) -> str:
+    """Interleaved rounds over persistent workers (see the module docstring); returns the report."""
+    env = dict(os.environ)
+    env["HOLD_MLX_THREADS"] = str(args.threads)
+    env["HOLD_MLX_BLAS_THREADS"] = "1"
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.setdefault(var, str(args.threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    workers = {}
+    print("starting the workers (set-up and warm-up are not timed) ...", file=sys.stderr, flush=True)
+    for label, kind in QUICK_BACKENDS:  # all at once: their set-up overlaps
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"quick-{kind}", "--checkpoint",
+               str(args.checkpoint), "--threads", str(args.threads), "--batch", str(args.batch),
+               "--steps", *map(str, args.steps)] + (["--no-train"] if args.no_train else [])
+        workers[label] = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for label, proc in workers.items():
+        if not proc.stdout.readline():
+            proc.wait()
+            workers[label] = None
+            print(f"{label}: failed to start (exit {proc.returncode})", file=sys.stderr, flush=True)
+
+    def ask(proc, what):
+        proc.stdin.write(what + "\n")
+        proc.stdin.flush()
+        return json.loads(proc.stdout.readline()).get("s")
+
+    times = {label: {"sample": [], "train": []} for label in workers}
+    order = [label for label in workers if workers[label] is not None]
+    for r in range(args.rounds):
+        rotated = order[r % len(order):] + order[:r % len(order)]  # nobody always goes first
+        for label in rotated:
+            times[label]["sample"].append(ask(workers[label], "sample"))
+            if label != "onnxruntime" and not args.no_train:
+                times[label]["train"].append(ask(workers[label], "train"))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    for proc in workers.values():
+        if proc is not None:
+            proc.stdin.close()
+            proc.wait()
+
+    def med(label, what):
+        values = [v for v in times.get(label, {}).get(what, []) if v is not None]
+        return float(np.median(values)) if values else None
+
+    steps = max(args.steps)
+    lines = [machine_stamp(args.threads),
+             f"`{COMMAND} --quick`: medians of {args.rounds} interleaved rounds; one sample = {args.batch} images, "
+             f"{steps} Lie-Trotter steps of the shipped model, in-process (no start-up); one training step = "
+             f"batch {args.batch}. Ratios are MLX time / other time: at most 1.00 means MLX is at least as fast.", "",
+             "| | MLX | torch eager | onnxruntime | MLX / torch | MLX / onnxruntime |", "|---|---|---|---|---|---|"]
+    for what, unit in (("sample", "sample (s)"), ("train", "train step (s)")):
+        m, t, o = med("MLX", what), med("torch", what), med("onnxruntime", what)
+        lines.append(f"| {unit} | {fmt(m)} | {fmt(t)} | {fmt(o)} | "
+                     f"{f'{m / t:.2f}' if m and t else '–'} | {f'{m / o:.2f}' if m and o else '–'} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -346,8 +506,7 @@ def fmt(x, digits=3):
 def report(args, rows: list[tuple[str, dict]], rate: dict, flops: float, blas_rows: list[dict], model_note: str) -> str:
     floor_rate = max(rate.get("torch_gflops", 0.0), rate.get("mlx_gflops", 0.0)) * 1e9
     base = dict(rows).get("torch eager", {})
-    lines = [f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-             f"{args.threads} threads per backend; Python {platform.python_version()}.",
+    lines = [machine_stamp(args.threads),
              f"Model: {model_note}; {flops / 1e9:.3f} GFLOP per image per network call. "
              f"Matmul rate (float32 2048^3): torch {fmt(rate.get('torch_gflops'))} GFLOP/s, "
              f"MLX {fmt(rate.get('mlx_gflops'))} GFLOP/s; the floor uses the larger.", ""]
@@ -393,9 +552,10 @@ def report(args, rows: list[tuple[str, dict]], rate: dict, flops: float, blas_ro
 
 DOC_HEAD = """# Benchmarks
 
-Measured by `{command}` ({when}). The script prints this table and rewrites this file; rerun it
-on a quiet machine for figures you quote (other processes on the cores change every number).
-Column meanings: *net call* is one call of the score function at the sampling batch;
+One section per kind of CPU (its model and widest vector instruction set), each written by
+`python tools/benchmark.py` on such a machine: a run replaces its own CPU's section and keeps the
+others. Rerun it on a quiet machine for figures you quote (other processes on the cores change
+every number). Column meanings: *net call* is one call of the score function at the sampling batch;
 */ floor* divides a time by the FLOP floor (model FLOPs x images (x NFE) / the measured matmul
 rate; training counts 3x the forward FLOPs); *sampler overhead* is the time of a sample with a
 zero-cost score function as a fraction of the real sample (the same steps, noise and adapter);
@@ -417,18 +577,28 @@ def main(argv=None):
                    help="labels to run (default: all: " + ", ".join([c[0] for c in MLX_CONFIGS] + ["torch eager", "onnxruntime"]) + ")")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-blas", action="store_true", help="skip the bundled-BLAS comparison")
-    p.add_argument("--quick", action="store_true", help="smoke run: --steps 5 10, one repeat, batch 16")
+    p.add_argument("--quick", action="store_true",
+                   help="regression check in under two minutes: interleaved rounds, MLX/torch/onnxruntime ratios "
+                        "for sampling and training (default --steps 10, --rounds 3; never writes docs)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --quick")
+    p.add_argument("--emulate-avx2", action="store_true",
+                   help="run every library as on an AVX2-only CPU (onnxruntime excepted; see the docstring)")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.worker and args.worker.startswith("quick-"):
+        quick_worker(args)
+        return
     if args.worker:
         fn = {"rate": rate_worker, "blas": blas_worker}.get(args.worker, worker)
         print(json.dumps(fn(args)))
         return
-    if args.quick:
-        args.steps, args.repeats, args.batch = [5, 10], 1, 16
+    if args.emulate_avx2:
+        os.environ.update(EMULATE_AVX2_ENV)  # inherited by every worker
+    if args.quick and "--steps" not in (argv if argv is not None else sys.argv):
+        args.steps = [10]
     sys.path.insert(0, str(ROOT))
     shipped = ROOT / "weights" / "fashion-mnist-hold"
     tmp = tempfile.TemporaryDirectory()
@@ -440,6 +610,10 @@ def main(argv=None):
         args.checkpoint = Path(tmp.name) / "random.safetensors"
         model_note = "fashion-mnist preset, random weights (weights/fashion-mnist-hold not shipped yet)"
         write_random_checkpoint(args.checkpoint)
+    if args.quick:
+        print(quick(args))
+        tmp.cleanup()
+        return
     flops = model_flops_per_image(args.checkpoint)
     configs = MLX_CONFIGS + [("torch eager", {}), ("onnxruntime", {})]
     if args.backends:
@@ -458,11 +632,34 @@ def main(argv=None):
     table = report(args, rows, rate, flops, blas_rows, model_note)
     print(table)
     if not args.no_docs:
-        doc = DOC_HEAD.format(command=COMMAND + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""),
-                              when=time.strftime("%Y-%m-%d"))
-        (ROOT / "docs").mkdir(exist_ok=True)
-        (ROOT / "docs" / "benchmarks.md").write_text(doc + table + "\n")
+        command = COMMAND + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+        section = f"Measured by `{command}` ({time.strftime('%Y-%m-%d')}).\n\n{table}\n"
+        write_doc_section(ROOT / "docs" / "benchmarks.md", cpu_kind(), section)
     tmp.cleanup()
+
+
+def cpu_kind() -> str:
+    """The heading of this CPU's section in benchmarks.md: model and widest vector unit."""
+    stamp = machine_stamp()
+    model = stamp.split("CPU: ", 1)[1].split(", ISA:", 1)[0]
+    flags = stamp.split("ISA: ", 1)[1].split(";", 1)[0].split()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "baseline"
+    if "emulated AVX2" in stamp:
+        isa = "AVX2, emulated on an AVX-512 CPU"
+    return f"{model}, {isa}"
+
+
+def write_doc_section(path: Path, kind: str, body: str) -> None:
+    """Replace (or append) the `## kind` section of the benchmarks page, keeping the others."""
+    text = path.read_text() if path.exists() else ""
+    head, _, rest = text.partition("\n## ")
+    if not head.startswith("# Benchmarks"):
+        head, rest = "", ""
+    sections = [sec for sec in ("## " + rest).split("\n## ") if rest] if rest else []
+    sections = ["## " + sec.removeprefix("## ") for sec in sections]
+    sections = [sec for sec in sections if sec.splitlines()[0] != f"## {kind}"] + [f"## {kind}\n\n{body}"]
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(DOC_HEAD.rstrip() + "\n\n" + "\n".join(sec.rstrip() + "\n" for sec in sections))
 
 
 if __name__ == "__main__":

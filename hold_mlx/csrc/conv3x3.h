@@ -6,7 +6,10 @@
 // 28 accumulators of the 32 registers). For each of the 9 taps and each input channel, the
 // tile loads 2 weight vectors and broadcasts one input value per pixel into 2 FMAs. The input
 // image is copied once into a zero-framed scratch buffer so the taps need no bounds checks.
-// Built with -march=native (hold_mlx/native.py), so the vector width is the machine's.
+// Built once per instruction set (hold_mlx/native.py picks the build at run time), so the
+// vector width below is the build's: 16 lanes for AVX-512, 8 for AVX2, 4 for SSE2 / NEON.
+// Rows are processed in bands sized so that a band of the framed input and the weights stay in
+// the L2 cache the machine reports while every output-channel block passes over the band.
 #pragma once
 
 #include <algorithm>
@@ -16,16 +19,16 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_cache.h"
+#include "simd.h"
+
 namespace hold_native {
 
 #if defined(__AVX512F__)
-constexpr int kLanes = 16, kMaxPixels = 14;  // 32 zmm registers
-#elif defined(__AVX__)
-constexpr int kLanes = 8, kMaxPixels = 6;  // 16 ymm registers
+constexpr int kMaxPixels = 14;  // 32 zmm registers
 #else
-constexpr int kLanes = 4, kMaxPixels = 6;  // SSE / NEON
+constexpr int kMaxPixels = 6;  // 16 ymm / xmm registers (32 NEON registers: room to spare)
 #endif
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
 
 // f(std::integral_constant<int, n>{}) for a runtime 0 < n < kMaxPixels: the tail tiles, whose
 // sizes must be compile-time constants for their accumulators to live in registers.
@@ -41,7 +44,7 @@ inline void with_tile_size(int n, F&& f) {
 
 // out[p, :] = bias + sum over taps (dy, dx) and channels c of src[dy, p + dx, c] * w[dy, dx, c, :]
 // for NP pixels p and NV * kLanes output channels. `src` is the framed input at the tile's
-// first pixel; `w` is (9, C, o_pitch) with this tile's channels first; `o_valid` channels are
+// first pixel; `w` is (9, C, o_pitch) with this tile's channels first (o_pitch = the block); `o_valid` channels are
 // written to `dst` (pixel pitch `o_pitch_out`).
 template <int NP, int NV>
 inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pitch, const float* __restrict w,
@@ -49,8 +52,7 @@ inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pit
                       int o_pitch_out) {
   vec acc[NP][NV];
   for (int v = 0; v < NV; ++v) {
-    vec b;
-    std::memcpy(&b, bias + v * kLanes, sizeof(vec));
+    const vec b = load(bias + v * kLanes);
     for (int p = 0; p < NP; ++p) acc[p][v] = b;
   }
   for (int dy = 0; dy < 3; ++dy)
@@ -59,7 +61,7 @@ inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pit
       const float* wt = w + (dy * 3 + dx) * C * o_pitch;
       for (int c = 0; c < C; ++c) {
         vec wv[NV];
-        for (int v = 0; v < NV; ++v) std::memcpy(&wv[v], wt + c * o_pitch + v * kLanes, sizeof(vec));
+        for (int v = 0; v < NV; ++v) wv[v] = load(wt + c * o_pitch + v * kLanes);
         for (int p = 0; p < NP; ++p) {
           const float x = s[p * C + c];
           for (int v = 0; v < NV; ++v) acc[p][v] += x * wv[v];
@@ -68,10 +70,10 @@ inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pit
     }
   for (int p = 0; p < NP; ++p) {
     if (o_valid == NV * kLanes) {
-      std::memcpy(dst + p * o_pitch_out, acc[p], sizeof(acc[p]));
+      for (int v = 0; v < NV; ++v) store(dst + p * o_pitch_out + v * kLanes, acc[p][v]);
     } else {
       float lanes[NV * kLanes];
-      std::memcpy(lanes, acc[p], sizeof(lanes));
+      for (int v = 0; v < NV; ++v) store(lanes + v * kLanes, acc[p][v]);
       std::memcpy(dst + p * o_pitch_out, lanes, o_valid * sizeof(float));
     }
   }
@@ -91,37 +93,52 @@ inline void conv_row(const float* src, int C, std::ptrdiff_t row_pitch, const fl
   });
 }
 
+// Output rows per band: the band's framed input rows (band + 2 of them) plus all the weights in
+// half the L2 cache (the other half for the output rows and whatever else runs), at least one.
+inline int conv_band_rows(int H, std::ptrdiff_t row_pitch, std::size_t weight_floats) {
+  const std::size_t budget = cache_sizes().l2 / 2 / sizeof(float);
+  const std::size_t rows = budget > weight_floats ? (budget - weight_floats) / std::size_t(row_pitch) : 0;
+  return std::max(1, std::min(H, int(std::min<std::size_t>(rows, std::size_t(H) + 2)) - 2));
+}
+
 // x (B, H, W, C), weight (O, 3, 3, C) (MLX's layout), bias (O), out (B, H, W, O); all contiguous.
 inline void conv3x3(const float* x, const float* weight, const float* bias, float* out, int B, int H, int W,
                     int C, int O) {
   constexpr int kBlock = 2 * kLanes;  // output channels per pass over an image
   const int o_pitch = (O + kBlock - 1) / kBlock * kBlock;
-  // Weights to (tap, C, O) with O zero-padded to whole blocks; bias likewise.
+  // Weights to (O block, tap, C, kBlock) with O zero-padded to whole blocks: a tile streams its
+  // block's weights contiguously. Bias likewise padded.
   thread_local std::vector<float> w, b, framed;
   w.assign(std::size_t(9) * C * o_pitch, 0.f);
   b.assign(o_pitch, 0.f);
   for (int o = 0; o < O; ++o) {
+    float* wb = &w[std::size_t(o / kBlock) * 9 * C * kBlock + o % kBlock];
     for (int t = 0; t < 9; ++t)
-      for (int c = 0; c < C; ++c) w[(std::size_t(t) * C + c) * o_pitch + o] = weight[(std::size_t(o) * 9 + t) * C + c];
+      for (int c = 0; c < C; ++c) wb[(std::size_t(t) * C + c) * kBlock] = weight[(std::size_t(o) * 9 + t) * C + c];
     b[o] = bias[o];
   }
   const int Wf = W + 2;
   const std::ptrdiff_t row_pitch = std::ptrdiff_t(Wf) * C;
   framed.assign(std::size_t(H + 2) * row_pitch, 0.f);  // the frame stays zero; the inside is overwritten
+  const int band = conv_band_rows(H, row_pitch, std::size_t(9) * C * o_pitch);
   for (int n = 0; n < B; ++n) {
     const float* xn = x + std::size_t(n) * H * W * C;
     for (int y = 0; y < H; ++y)
       std::memcpy(&framed[(y + 1) * row_pitch + C], xn + std::size_t(y) * W * C, std::size_t(W) * C * sizeof(float));
     float* on = out + std::size_t(n) * H * W * O;
-    for (int o0 = 0; o0 < O; o0 += kBlock) {
-      const int o_valid = std::min(kBlock, O - o0);
-      for (int y = 0; y < H; ++y) {
-        const float* s = &framed[y * row_pitch];
-        float* d = on + std::size_t(y) * W * O + o0;
-        if (o_valid > kLanes)
-          conv_row<2>(s, C, row_pitch, w.data() + o0, o_pitch, b.data() + o0, d, o_valid, O, W);
-        else
-          conv_row<1>(s, C, row_pitch, w.data() + o0, o_pitch, b.data() + o0, d, o_valid, O, W);
+    for (int y0 = 0; y0 < H; y0 += band) {
+      const int y1 = std::min(H, y0 + band);
+      for (int o0 = 0; o0 < O; o0 += kBlock) {
+        const int o_valid = std::min(kBlock, O - o0);
+        for (int y = y0; y < y1; ++y) {
+          const float* s = &framed[y * row_pitch];
+          float* d = on + std::size_t(y) * W * O + o0;
+          const float* wb = w.data() + std::size_t(o0) * 9 * C;  // block o0 / kBlock
+          if (o_valid > kLanes)
+            conv_row<2>(s, C, row_pitch, wb, kBlock, b.data() + o0, d, o_valid, O, W);
+          else
+            conv_row<1>(s, C, row_pitch, wb, kBlock, b.data() + o0, d, o_valid, O, W);
+        }
       }
     }
   }
@@ -140,19 +157,14 @@ inline void weight_grad_tile(const float* __restrict src, int C, int W, std::ptr
       const float* s = src + y * row_pitch + x * C;
       const float* gp = g + (std::size_t(y) * W + x) * O;
       vec gv[NV];
-      for (int v = 0; v < NV; ++v) std::memcpy(&gv[v], gp + v * kLanes, sizeof(vec));
+      for (int v = 0; v < NV; ++v) gv[v] = load(gp + v * kLanes);
       for (int i = 0; i < NC; ++i) {
         const float xi = s[i];
         for (int v = 0; v < NV; ++v) acc[i][v] += xi * gv[v];
       }
     }
   for (int i = 0; i < NC; ++i)
-    for (int v = 0; v < NV; ++v) {
-      vec d;
-      std::memcpy(&d, dw + i * o_pitch + v * kLanes, sizeof(vec));
-      d += acc[i][v];
-      std::memcpy(dw + i * o_pitch + v * kLanes, &d, sizeof(vec));
-    }
+    for (int v = 0; v < NV; ++v) store(dw + i * o_pitch + v * kLanes, load(dw + i * o_pitch + v * kLanes) + acc[i][v]);
 }
 
 template <int NV>
