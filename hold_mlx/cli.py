@@ -468,19 +468,6 @@ def _eval_dataset(data_cfg: dict, dataset, data_dir) -> str:
                            "with that file or folder (and --data-dir if needed)")
 
 
-def _test_data(data_cfg: dict, n: int, dataset, data_dir) -> tuple[np.ndarray, str]:
-    """The first n test examples of the model's dataset, in user units."""
-    from .data import load_dataset
-
-    name = dataset or data_cfg.get("name")
-    ds = load_dataset(name, data_dir=data_dir, split="test")
-    if list(ds.shape) != list(data_cfg["shape"]):
-        raise ValueError(f"dataset {name!r} has shape {ds.shape}, the model takes {tuple(data_cfg['shape'])}; "
-                         "pass the model's --dataset")
-    n = min(n, len(ds))
-    return ds.to_user(ds.data[:n]), f"{ds.name} test (first {n})"
-
-
 def _print_table(rows) -> None:
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
@@ -540,10 +527,10 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
       hold-mlx eval --quality --n-samples 10000 --sampler lie-trotter --steps 100
       hold-mlx eval --quality --fid-weights ~/pt_inception-2015-12-05-6726825d.pth
     """
-    import time
-
     from tqdm import tqdm
 
+    from .checkpoint import default_checkpoint
+    from .evaluate import likelihood_report, quality_classifier, quality_report
     from .model import load
 
     quality = quality or fid_weights is not None or samples_file is not None
@@ -555,8 +542,6 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
     _check_sample_memory(model, n_samples if quality and samples_file is None else 1, batch_size)
     data_cfg = model.config["data"]
     dataset = _eval_dataset(data_cfg, dataset, data_dir)
-    from .checkpoint import default_checkpoint
-
     report = {"checkpoint": str(checkpoint or default_checkpoint()), "backend": backend, "sde": model.sde.to_config(),
               "data": data_cfg}
     rows = []
@@ -567,80 +552,38 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
         except ImportError as err:
             raise click.ClickException(f"--fid-weights needs PyTorch ({err}); pip install 'hold-mlx[torch]'")
         fid_net = load_fid_inception(fid_weights, device=device)
-    classifier_net = None
-    if quality and data_cfg["kind"] == "image":
-        if tuple(data_cfg["shape"]) == (28, 28, 1):
-            from .classifier import load_classifier
-
-            classifier_net = load_classifier(classifier)[0]
-        elif fid_net is None:
-            raise ValueError(f"the offline metrics use a Fashion-MNIST classifier (28x28x1 images) and this model "
-                             f"makes {tuple(data_cfg['shape'])}; pass --fid-weights for FID/KID")
+    classifier_net = quality_classifier(data_cfg, classifier, fid_net=fid_net) if quality else None
 
     if bpd:
-        from .likelihood import evaluate_likelihood
-
-        data, source = _test_data(data_cfg, n_images, dataset, data_dir)
-        start = time.time()
-        with tqdm(total=len(data), unit="img", desc=f"likelihood ({backend})", disable=None, leave=False) as bar:
+        with tqdm(total=n_images, unit="img", desc=f"likelihood ({backend})", disable=None, leave=False) as bar:
             def progress(done, t):
                 bar.update(done - bar.n)
                 bar.set_postfix(t=f"{t:.3g}", refresh=False)
 
-            res = evaluate_likelihood(model.sde, model, model.backend, data, data_cfg, seed=seed,
-                                      batch_size=batch_size, estimator=estimator, rtol=rtol, atol=atol,
-                                      progress=progress)
-        report["likelihood"] = {"unit": res.unit, "mean": res.mean, "stderr": res.stderr, "n": len(res.values),
-                                "data": source, "estimator": estimator, "rtol": rtol, "atol": atol,
-                                "t0": model.sde.eps_loss, "nfe_per_batch": res.nfe, "seed": seed,
-                                "wall_s": time.time() - start}
-        rows.append((res.unit, f"{res.mean:.4f}", f"± {res.stderr:.4f} (s.e., {source}, "
-                                                   f"NFE {int(np.mean(res.nfe))}/batch)"))
+            lik = likelihood_report(model, n_images, dataset=dataset, data_dir=data_dir, seed=seed,
+                                    batch_size=batch_size, estimator=estimator, rtol=rtol, atol=atol,
+                                    progress=progress)
+        report["likelihood"] = lik
+        rows.append((lik["unit"], f"{lik['mean']:.4f}", f"± {lik['stderr']:.4f} (s.e., {lik['data']}, "
+                                                         f"NFE {int(np.mean(lik['nfe_per_batch']))}/batch)"))
 
     if quality:
-        from .quality import reference_images, sample_quality
-
-        start = time.time()
-        if samples_file is not None:
-            try:
-                with np.load(samples_file, allow_pickle=False) as f:
-                    if "samples" not in f:
-                        raise ValueError(f"{samples_file}: no 'samples' array (write it with hold-mlx sample --out x.npz)")
-                    samples = np.asarray(f["samples"], np.float32)
-            except (ValueError, OSError, EOFError, AttributeError, TypeError) as err:
-                if str(samples_file) in str(err):
-                    raise
-                raise ValueError(f"{samples_file}: not a readable .npz of samples ({str(err)[:120]}); write it "
-                                 "with hold-mlx sample --out x.npz") from err
-            if not np.isfinite(samples).all():
-                raise ValueError(f"{samples_file}: the samples contain NaN or Inf; draw them again")
-            if samples.shape[1:] != tuple(data_cfg["shape"]):
-                raise ValueError(f"{samples_file}: samples of shape {samples.shape[1:]}, the model makes "
-                                 f"{tuple(data_cfg['shape'])}")
-            how = {"samples_file": str(samples_file)}
-        else:
-            options = {"sampler": sampler, "steps": steps, "grid": time_grid}
-            batches = -(-n_samples // batch_size)
-            adaptive = sampler.lower() == "rk45"
-            with tqdm(total=None if adaptive else steps * batches, unit="step", desc=f"sampling ({backend})",
-                      disable=None, leave=False) as bar:
-                drawn = model.sample(n_samples, batch_size=batch_size, seed=seed,
-                                     callback=lambda *step: bar.update(1), **options)
-            _check_finite_samples(drawn.x, checkpoint)
-            samples = drawn.user_units()
-            how = {**options, "nfe": drawn.nfe, "seed": seed}
-        reference, ref_source = reference_images(data_cfg, n_ref, dataset=dataset, data_dir=data_dir, seed=seed)
-        metrics = sample_quality(samples, reference, data_cfg, classifier=classifier_net, fid_net=fid_net, seed=seed)
-        report["quality"] = {**how, "n_samples": len(samples), "reference": ref_source, "metrics": metrics,
-                             "wall_s": time.time() - start}
-        for name, value in metrics.items():
+        adaptive = sampler.lower() == "rk45"
+        with tqdm(total=None if adaptive else steps * -(-n_samples // batch_size), unit="step",
+                  desc=f"sampling ({backend})", disable=True if samples_file else None, leave=False) as bar:
+            q = quality_report(model, n_samples=n_samples, sampler=sampler, steps=steps, grid=time_grid,
+                               samples_file=samples_file, n_ref=n_ref, dataset=dataset, data_dir=data_dir,
+                               classifier=classifier_net, fid_net=fid_net, batch_size=batch_size, seed=seed,
+                               progress=lambda *step: bar.update(1))
+        report["quality"] = q
+        for name, value in q["metrics"].items():
             if isinstance(value, dict):
                 rows.append((name, f"{value['mean']:.5f}", f"± {value['std']:.5f} (std over {value['subsets']} "
                                                            f"subsets of {value['subset_size']})"))
             else:
-                rows.append((name, f"{value:.4f}", f"({len(samples)} samples vs {ref_source})"))
-        if "nfe" in how:
-            rows.append(("NFE", str(how["nfe"]), f"({sampler}, {steps} steps)"))
+                rows.append((name, f"{value:.4f}", f"({q['n_samples']} samples vs {q['reference']})"))
+        if "nfe" in q:
+            rows.append(("NFE", str(q["nfe"]), f"({sampler}, {steps} steps)"))
 
     _print_table(rows)
     if out is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["grid_image", "save_grid", "scatter_image", "save_samples_png"]
+__all__ = ["grid_image", "scatter_image", "save_samples_png"]
 
 
 def grid_image(images: np.ndarray, ncols: int | None = None, pad: int = 2, scale: int = 1):
@@ -43,10 +43,6 @@ def _save_atomic(path, im) -> Path:
     im.save(buffer, format=fmt)
     atomic_write(path, buffer.getvalue())
     return path
-
-
-def save_grid(path, images: np.ndarray, **kwargs) -> Path:
-    return _save_atomic(path, grid_image(images, **kwargs))
 
 
 def scatter_image(points: np.ndarray, size: int = 512, reference: np.ndarray | None = None):

@@ -117,6 +117,32 @@ def test_eval_scores_given_samples(image_model, tmp_path):
     assert kd_noise > 10 * abs(kd_good)
 
 
+def test_library_reports_equal_the_cli_json(points_model, tmp_path):
+    """hold_mlx.evaluate called directly gives the numbers `hold-mlx eval --out` writes for the same
+    seed; progress runs once per sampler step of every batch, and another seed draws other samples."""
+    from hold_mlx.evaluate import likelihood_report, quality_report
+    from hold_mlx.model import load
+
+    report = tmp_path / "cli.json"
+    code, out = run(["eval", "--checkpoint", str(points_model), "--bpd", "--n-images", "6", "--rtol", "1e-3",
+                     "--atol", "1e-3", "--quality", "--n-samples", "40", "--steps", "4", "--n-ref", "50",
+                     "--batch-size", "16", "--seed", "3", "--out", str(report)])
+    assert code == 0, out
+    cli = json.loads(report.read_text())
+    model = load(points_model, "mlx")
+    lik = likelihood_report(model, 6, rtol=1e-3, atol=1e-3, batch_size=16, seed=3)
+    for key in ("unit", "mean", "stderr", "n", "data", "nfe_per_batch", "t0"):
+        assert lik[key] == cli["likelihood"][key], key
+    steps_seen = []
+    q = quality_report(model, n_samples=40, steps=4, n_ref=50, batch_size=16, seed=3,
+                       progress=lambda *step: steps_seen.append(step))
+    assert q["metrics"] == cli["quality"]["metrics"] and q["nfe"] == cli["quality"]["nfe"] == 5
+    assert q["reference"] == cli["quality"]["reference"] and q["n_samples"] == 40
+    assert len(steps_seen) == 4 * 3  # 4 steps in each of 3 batches (16 + 16 + 8)
+    other = quality_report(model, n_samples=40, steps=4, n_ref=50, batch_size=16, seed=4)
+    assert other["metrics"]["FD-points"] != q["metrics"]["FD-points"]
+
+
 def test_eval_quality_of_other_images_needs_fid_weights(tmp_path):
     data = {"name": "digits", "kind": "image", "shape": [8, 8, 1], "shift": 0.5, "scale": 0.5}
     path = make_checkpoint(tmp_path / "digits.safetensors", data=data)

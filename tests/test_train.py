@@ -44,42 +44,41 @@ def test_lr_warmup_schedule():
     assert lr_at(tiny_config(lr=1e-3, warmup=0), 0) == 1e-3
 
 
-def test_sigterm_stops_after_the_step_saves_and_resumes_bitwise(tmp_path):
-    cfg = tiny_config(steps=10, save_every=100, hflip=True)
+def assert_resume_matches_full_run(cfg, tmp_path, partial_run, saved_step: int):
+    """Train cfg in one go; in another folder let ``partial_run(trainer)`` stop early; resuming there
+    from ``saved_step`` ends in the same state as the full run, bit for bit."""
     full = tmp_path / "full"
     for _ in trainer(cfg, full).run():
         pass
     part = tmp_path / "part"
-    t = trainer(cfg, part)
-    for info in t.run():
-        if info.step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled: finish this step, save, stop
-    assert t.interrupted and t.step == 4
-    assert read_config(part / STATE_FILE)["step"] == 4
+    partial_run(trainer(cfg, part))
+    assert read_config(part / STATE_FILE)["step"] == saved_step
     resumed = trainer(cfg, part)
-    assert resumed.step == 4
+    assert resumed.step == saved_step
     for _ in resumed.run():
         pass
     assert_same_state(full, part)
+
+
+def test_sigterm_stops_after_the_step_saves_and_resumes_bitwise(tmp_path):
+    def terminate_at_step_4(t):
+        for info in t.run():
+            if info.step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled: finish this step, save, stop
+        assert t.interrupted and t.step == 4
+
+    assert_resume_matches_full_run(tiny_config(steps=10, save_every=100, hflip=True), tmp_path,
+                                   terminate_at_step_4, saved_step=4)
 
 
 def test_hard_kill_resumes_from_last_save_bitwise(tmp_path):
     """A kill -9 loses only the steps after the last periodic save; the end state is unchanged."""
-    cfg = tiny_config(steps=9, save_every=3)
-    full = tmp_path / "full"
-    for _ in trainer(cfg, full).run():
-        pass
-    part = tmp_path / "part"
-    run = trainer(cfg, part).run()
-    for info in run:
-        if info.step == 5:  # abandon mid-way without saving: what a SIGKILL leaves behind
-            break
-    assert read_config(part / STATE_FILE)["step"] == 3
-    resumed = trainer(cfg, part)
-    assert resumed.step == 3
-    for _ in resumed.run():
-        pass
-    assert_same_state(full, part)
+    def abandon_at_step_5(t):
+        for info in t.run():
+            if info.step == 5:  # abandon mid-way without saving: what a SIGKILL leaves behind
+                break
+
+    assert_resume_matches_full_run(tiny_config(steps=9, save_every=3), tmp_path, abandon_at_step_5, saved_step=3)
 
 
 def test_resume_with_different_settings_is_refused(tmp_path, tiny_run):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hold_mlx.classifier import load_classifier  # noqa: E402
-from hold_mlx.data import load_dataset, to_user_units  # noqa: E402
-from hold_mlx.likelihood import evaluate_likelihood  # noqa: E402
+from hold_mlx.data import load_dataset  # noqa: E402
+from hold_mlx.evaluate import likelihood_report, quality_classifier, quality_report  # noqa: E402
 from hold_mlx.quality import reference_images, sample_quality  # noqa: E402
 from hold_mlx.model import load  # noqa: E402
 from hold_mlx.samplers import resolve_sampler  # noqa: E402
@@ -71,7 +69,6 @@ def main():
     args = p.parse_args()
 
     models = [parse_model(m) for m in args.model]
-    classifier = load_classifier()[0]
     fid_net = None
     if args.fid_weights is not None:
         from hold_export.fid_inception import load_fid_inception
@@ -81,27 +78,24 @@ def main():
     for name, path, sampler in models:
         rt = load(path, args.backend, device=args.device)
         cfg = rt.config["data"]
-        if reference is None:
+        if reference is None:  # every model is scored against the first one's reference set
             reference, ref_source = reference_images(cfg, args.n_ref, seed=args.seed)
+            classifier = quality_classifier(cfg, fid_net=fid_net)
         bpd = None
         if args.bpd_images:
-            test = load_dataset(cfg["name"], split="test")
-            start = time.time()
-            res = evaluate_likelihood(rt.sde, rt, rt.backend, test.to_user(test.data[:args.bpd_images]), cfg,
-                                      seed=args.seed, batch_size=min(args.batch_size, 64))
-            bpd = {"mean": res.mean, "stderr": res.stderr, "n": len(res.values), "nfe": res.nfe,
-                   "wall_s": time.time() - start}
-            print(f"{name}: {res.mean:.4f} ± {res.stderr:.4f} {res.unit}", file=sys.stderr, flush=True)
+            lik = likelihood_report(rt, args.bpd_images, seed=args.seed, batch_size=min(args.batch_size, 64))
+            bpd = {"mean": lik["mean"], "stderr": lik["stderr"], "n": lik["n"], "nfe": lik["nfe_per_batch"],
+                   "wall_s": lik["wall_s"]}
+            print(f"{name}: {lik['mean']:.4f} ± {lik['stderr']:.4f} {lik['unit']}", file=sys.stderr, flush=True)
         for nfe in args.nfe:
             steps = steps_for(sampler, nfe)
-            start = time.time()
-            drawn = rt.sample(args.n_samples, batch_size=args.batch_size, seed=args.seed, sampler=sampler, steps=steps)
-            used = drawn.nfe
-            metrics = sample_quality(drawn.user_units(), reference, cfg, classifier=classifier,
-                                     fid_net=fid_net, seed=args.seed)
-            row = {"model": name, "checkpoint": path, "sampler": sampler, "steps": steps, "nfe": used,
+            q = quality_report(rt, n_samples=args.n_samples, sampler=sampler, steps=steps,
+                               reference=(reference, ref_source), classifier=classifier, fid_net=fid_net,
+                               batch_size=args.batch_size, seed=args.seed)
+            metrics = q["metrics"]
+            row = {"model": name, "checkpoint": path, "sampler": sampler, "steps": steps, "nfe": q["nfe"],
                    "n_samples": args.n_samples, "reference": ref_source, "metrics": metrics, "bpd": bpd,
-                   "wall_s": time.time() - start}
+                   "wall_s": q["wall_s"]}
             results.append(row)
             print(json.dumps({k: row[k] for k in ("model", "sampler", "nfe")} | {
                 k: (v if not isinstance(v, dict) else v["mean"]) for k, v in metrics.items()}), file=sys.stderr,
