@@ -19,7 +19,18 @@ import numpy as np
 from . import __version__
 
 SAMPLER_CHOICES = ("lie-trotter", "strang", "euler-maruyama", "exp-euler", "ode", "poisson-midpoint", "ams",
-                   "heun", "exp-heun", "rk45", "plmc", "plmc-one", "sscs", "em")
+                   "gddim", "heun", "exp-heun", "rk45", "plmc", "plmc-one", "sscs", "em")
+
+
+GRID_CHOICES = ("uniform", "quadratic", "log-sigma", "edm")
+
+
+def _gddim_options(sampler: str, order, eta) -> dict:
+    """--order/--eta as sampler options; they belong to gddim only."""
+    given = {k: v for k, v in (("order", order), ("eta", eta)) if v is not None}
+    if given and sampler.lower() != "gddim":
+        raise click.UsageError(f"--{'/--'.join(given)} only apply to --sampler gddim")
+    return given
 
 
 def friendly_errors(fn):
@@ -113,8 +124,9 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Samples per batched network call (does not change the samples).")
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
-@click.option("--grid", "time_grid", type=click.Choice(["uniform", "quadratic"]), default="uniform", show_default=True,
-              help="Time grid; quadratic is denser near the data.")
+@click.option("--grid", "time_grid", type=click.Choice(GRID_CHOICES), default=None,
+              help="Time grid (default: uniform; quadratic for gddim); quadratic is denser near the data, "
+                   "log-sigma is uniform in the log noise level, edm is EDM's rho-schedule in it.")
 @click.option("--backend", type=click.Choice(["mlx", "torch", "onnx"]), default="mlx", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch / onnxruntime.")
@@ -125,13 +137,16 @@ def write_samples(path: Path, samples_user: np.ndarray, kind: str) -> None:
 @click.option("--norms", type=click.Choice(["sample", "batch"]), default=None,
               help="ams: step-size norms per sample (default; batch-independent) or averaged over the batch "
                    "(score_sde; use it for low-dimensional data).")
+@click.option("--order", type=click.IntRange(1, 3), default=None, help="gddim: multistep order (default 2).")
+@click.option("--eta", type=float, default=None,
+              help="gddim: stochasticity in [0, 1]; 0 the probability-flow ODE (default), 1 the reverse SDE.")
 @click.option("--no-denoise", is_flag=True, help="Skip the final noise-free denoising step.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
               help=".png writes a grid (a scatter plot for 2-D data); .npz writes key 'samples', float32, "
                    "images (N, H, W, C) in [0, 1].")
 @friendly_errors
 def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend, device, threads, noise,
-           substeps, snr, norms, no_denoise, out):
+           substeps, snr, norms, order, eta, no_denoise, out):
     """Draw samples from a trained model with the reverse-time SDE (or ODE)."""
     from tqdm import tqdm
 
@@ -147,6 +162,7 @@ def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend
         options["snr"] = snr
     if norms is not None:
         options["norms"] = norms
+    options.update(_gddim_options(sampler, order, eta))
     batches = -(-num // batch_size)
     adaptive = sampler.lower() in ("rk45",)
     with tqdm(total=None if adaptive else steps * batches, unit="step", desc=f"sampling ({backend})",
@@ -367,8 +383,10 @@ def _print_table(rows) -> None:
 @click.option("--sampler", type=click.Choice(SAMPLER_CHOICES, case_sensitive=False), default="lie-trotter",
               show_default=True, help="--quality: the sampler that draws the samples.")
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="--quality: sampler steps.")
-@click.option("--grid", "time_grid", type=click.Choice(["uniform", "quadratic"]), default="uniform", show_default=True,
-              help="--quality: sampler time grid.")
+@click.option("--grid", "time_grid", type=click.Choice(GRID_CHOICES), default=None,
+              help="--quality: sampler time grid (default: uniform; quadratic for gddim).")
+@click.option("--order", type=click.IntRange(1, 3), default=None, help="--quality, gddim: multistep order (2).")
+@click.option("--eta", type=float, default=None, help="--quality, gddim: 0 the ODE (default), 1 the reverse SDE.")
 @click.option("--samples", "samples_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="--quality: score these samples (.npz key 'samples', user units, as `sample --out` writes) "
                    "instead of drawing new ones.")
@@ -386,8 +404,8 @@ def _print_table(rows) -> None:
               help="Write the report as JSON here.")
 @friendly_errors
 def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator, rtol, atol, quality, n_samples,
-                 sampler, steps, time_grid, samples_file, n_ref, classifier, fid_weights, dataset, data_dir,
-                 batch_size, seed, out):
+                 sampler, steps, time_grid, order, eta, samples_file, n_ref, classifier, fid_weights, dataset,
+                 data_dir, batch_size, seed, out):
     """Measure a model: likelihood (--bpd) and/or sample quality (--quality).
 
     \b
@@ -466,7 +484,10 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
                                  f"{tuple(data_cfg['shape'])}")
             how = {"samples_file": str(samples_file)}
         else:
-            options = {"sampler": sampler, "steps": steps, "grid": time_grid}
+            from .samplers import resolve_sampler
+
+            grid = time_grid or getattr(resolve_sampler(sampler)[1], "default_grid", "uniform")
+            options = {"sampler": sampler, "steps": steps, "grid": grid, **_gddim_options(sampler, order, eta)}
             batches = -(-n_samples // batch_size)
             adaptive = sampler.lower() == "rk45"
             with tqdm(total=None if adaptive else steps * batches, unit="step", desc=f"sampling ({backend})",
