@@ -29,7 +29,8 @@ def _gddim_options(sampler: str, order, eta) -> dict:
     """--order/--eta as sampler options; they belong to gddim only."""
     given = {k: v for k, v in (("order", order), ("eta", eta)) if v is not None}
     if given and sampler.lower() != "gddim":
-        raise click.UsageError(f"--{'/--'.join(given)} only apply to --sampler gddim")
+        verb = "apply" if len(given) > 1 else "applies"
+        raise click.UsageError(f"--{' and --'.join(given)} {verb} only to --sampler gddim")
     return given
 
 
