@@ -479,8 +479,8 @@ def _cholesky_frame_generator(sde: LinearSDE, t: np.ndarray, k_coef: float):
 
     A = L^-1 M L - L^-1 L', with L' = L Phi(L^-1 Sigma' L^-T) (Phi: lower triangle, half diagonal)
     and Sigma' = F Sigma + Sigma F^T + G G^T. For the ODE A is skew (a rotation: Psi Sigma Psi^T =
-    Sigma' exactly); its entries grow like 1/t only, so a grid geometric in t resolves it, where
-    M itself grows like 1/t^n and is stiff.
+    Sigma' exactly); its entries grow only about like 1/t (ratios of Cholesky diagonals), so a grid
+    geometric in t resolves it, where M itself grows like a higher power of 1/t and is stiff.
     """
     n = sde.order
     cov = accurate_cov(sde, t)
@@ -517,13 +517,13 @@ def gddim_steps(sde: LinearSDE, ts, order: int = 2, eta: float = 0.0, substeps: 
 
     Step k uses q = min(order, k + 1) data predictions (at t_k, t_{k-1}, ...), extrapolated by the
     Lagrange polynomial in ``variable`` ("t", "B" or "lambda" = log sigma_eff; t measured best on
-    the exact-score benchmark, see docs/samplers.md). The transition Psi
-    of the linear part is integrated in the Cholesky frame of Sigma_t (see
-    ``_cholesky_frame_generator``) over ``substeps`` sub-intervals per step, geometric in t, by
-    one matrix exponential each with A at its midpoint (second order); the weights
-    int Psi(t_to, tau) g_tau l_j(tau) dB come by parts (below) with the trapezoidal rule. The noise covariance uses that every member of the family keeps
-    the marginals: for a one-point data law at 0 the law N(0, Sigma_t) must map to N(0, Sigma_t'),
-    so Q = Sigma_t' - Psi Sigma_t Psi^T = L' (I - R R^T) L'^T, R the frame's transition.
+    the exact-score benchmark, see docs/samplers.md). The transition Psi of the linear part is
+    integrated in the Cholesky frame of Sigma_t (see ``_cholesky_frame_generator``) over
+    ``substeps`` sub-intervals per step, geometric in t, by one matrix exponential each with A at
+    its midpoint (second order); the weights int Psi(t_to, tau) g_tau l_j(tau) dB come by parts
+    (below) with the trapezoidal rule. The noise covariance uses that every member of the family
+    keeps the marginals: for a one-point data law at 0 the law N(0, Sigma_t) must map to
+    N(0, Sigma_t'), so Q = Sigma_t' - Psi Sigma_t Psi^T = L' (I - R R^T) L'^T, R the frame's transition.
     """
     if isinstance(order, bool) or order not in (1, 2, 3):
         raise ValueError(f"gddim order must be 1, 2 or 3, got {order!r}")

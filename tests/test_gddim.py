@@ -84,7 +84,8 @@ def test_coefficients_carry_the_kernel(case, eta):
             if step.noise_factor is not None:
                 moved = moved + step.noise_factor @ step.noise_factor.T
             whiten = np.linalg.inv(np.linalg.cholesky(c1))
-            np.testing.assert_allclose(whiten @ moved @ whiten.T, np.eye(sde.order), atol=1e-6 if case != "hold4" else 3e-3)
+            tol = 3e-3 if case == "hold4" else 1e-6  # hold4: Sigma_eps has condition number ~1e7
+            np.testing.assert_allclose(whiten @ moved @ whiten.T, np.eye(sde.order), atol=tol)
             mu0, mu1 = sde.mean_coeff(ts[k])[:, 0], sde.mean_coeff(ts[k + 1])[:, 0]
             np.testing.assert_allclose(step.transition @ mu0 + step.weights.sum(0), mu1, atol=1e-8)
             assert len(step.weights) == min(order, k + 1)

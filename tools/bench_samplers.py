@@ -51,7 +51,8 @@ NFES = (10, 15, 20, 50, 100, 1000)
 SEEDS = 5
 #: The bar, in words (rendered into the docs) and as used by ``targets``.
 BAR_FACTOR, BAR_STDS = 1.1, 3.0
-BAR_RULE = (f"within {round((BAR_FACTOR - 1) * 100)}% (of its magnitude) of the 1000-NFE quality, or within the Monte-Carlo floor of a "
+BAR_RULE = (f"within {round((BAR_FACTOR - 1) * 100)}% (of its magnitude) of the 1000-NFE quality, or within the "
+            "Monte-Carlo floor of a "
             f"mean over the seeds (floor mean + {BAR_STDS:g} std / sqrt(seeds))")
 GRIDS = ("uniform", "quadratic")
 TOLERANCES = (1e-1, 3e-2, 1e-2, 1e-3, 1e-4)

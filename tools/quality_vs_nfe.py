@@ -158,9 +158,10 @@ def summary(cache: dict, labels, nfes, seeds: int, samples: int):
 def render(cache: dict, args) -> str:
     table, floor = summary(cache, args.configs, args.nfe, args.seeds, args.samples)
     setup = cache["setup"]
+    cache_name = args.cache.relative_to(REPO) if args.cache.is_relative_to(REPO) else args.cache
     lines = [BEGIN, "## Measured: quality vs NFE on a trained model", "",
              f"Command: `nice -n 10 python tools/quality_vs_nfe.py --samples {args.samples} --seeds {args.seeds}`"
-             f" (resumable; results cached in `{args.cache.relative_to(REPO) if args.cache.is_relative_to(REPO) else args.cache}`).",
+             f" (resumable; results cached in `{cache_name}`).",
              f"Model: {setup['checkpoint']} ({setup['backend']}); {args.samples} samples per seed, mean ± std over "
              f"{args.seeds} seeds; reference: {setup['reference']}. FD / KD×10³ in the features of the shipped "
              "Fashion-MNIST classifier (lower is better).", ""]
