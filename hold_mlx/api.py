@@ -16,7 +16,7 @@ __all__ = ["sample", "sample_full"]
 
 def sample_full(sde: LinearSDE, score_fn: Callable, shape, *, sampler: str = "lie-trotter",
                 steps: int = 100, seed: int = 0, backend: str = "mlx", noise: str = "portable",
-                first_index: int = 0, grid: str = "uniform", denoise: bool = True,
+                first_index: int = 0, grid: str | None = None, denoise: bool = True,
                 callback: Callable | None = None, ops=None, **options) -> SampleResult:
     """Like :func:`sample` but returns a :class:`SampleResult` (data block, full state, NFE).
 
@@ -83,9 +83,10 @@ def sample(sde: LinearSDE, score_fn: Callable, shape, *, sampler: str = "lie-tro
     Returns the data block as an array of ``backend`` ("mlx", the default: ``mx.array``; "torch";
     "numpy"), which must be the framework ``score_fn`` computes on. For a loaded model
     ``hold_mlx.load(...).sample(n, ...)`` picks the SDE and backend itself. Options: ``grid``
-    ("uniform" | "quadratic"), ``denoise`` (final noise-free step, default on), ``noise``
-    ("portable" | "native"), ``callback(step, t, u)``, and sampler options (``substeps``,
+    ("uniform" | "quadratic" | "log-sigma" | "edm"; None: the sampler's default), ``denoise``
+    (final noise-free step, default on), ``noise`` ("portable" | "native"), ``callback(step, t, u)``,
+    and sampler options (``substeps``,
     ``variant`` for poisson-midpoint; ``snr``, ``momentum`` for ams; ``method``, ``rtol``, ``atol``
-    for ode).
+    for ode; ``order``, ``eta`` for gddim).
     """
     return sample_full(sde, score_fn, shape, sampler=sampler, steps=steps, seed=seed, **kwargs).x

@@ -19,7 +19,19 @@ import numpy as np
 from . import __version__
 
 SAMPLER_CHOICES = ("lie-trotter", "strang", "euler-maruyama", "exp-euler", "ode", "poisson-midpoint", "ams",
-                   "heun", "exp-heun", "rk45", "plmc", "plmc-one", "sscs", "em")
+                   "gddim", "heun", "exp-heun", "rk45", "plmc", "plmc-one", "sscs", "em")
+
+
+GRID_CHOICES = ("uniform", "quadratic", "log-sigma", "edm")
+
+
+def _gddim_options(sampler: str, order, eta) -> dict:
+    """--order/--eta as sampler options; they belong to gddim only."""
+    given = {k: v for k, v in (("order", order), ("eta", eta)) if v is not None}
+    if given and sampler.lower() != "gddim":
+        verb = "apply" if len(given) > 1 else "applies"
+        raise click.UsageError(f"--{' and --'.join(given)} {verb} only to --sampler gddim")
+    return given
 
 
 def friendly_errors(fn):
@@ -198,8 +210,9 @@ def class_labels(model, class_option: str | None, num: int) -> tuple[np.ndarray 
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Samples per batched network call (does not change the samples).")
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
-@click.option("--grid", "time_grid", type=click.Choice(["uniform", "quadratic"]), default="uniform", show_default=True,
-              help="Time grid; quadratic is denser near the data.")
+@click.option("--grid", "time_grid", type=click.Choice(GRID_CHOICES), default=None,
+              help="Time grid (default: uniform; quadratic for gddim); quadratic is denser near the data, "
+                   "log-sigma is uniform in the log noise level, edm is EDM's rho-schedule in it.")
 @click.option("--backend", type=click.Choice(["mlx", "torch", "onnx"]), default="mlx", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, callback=_check_threads,
@@ -212,6 +225,9 @@ def class_labels(model, class_option: str | None, num: int) -> tuple[np.ndarray 
 @click.option("--norms", type=click.Choice(["sample", "batch"]), default=None,
               help="ams: step-size norms per sample (default; batch-independent) or averaged over the batch "
                    "(score_sde; use it for low-dimensional data).")
+@click.option("--order", type=click.IntRange(1, 3), default=None, help="gddim: multistep order (default 2).")
+@click.option("--eta", type=float, default=None,
+              help="gddim: stochasticity in [0, 1]; 0 the probability-flow ODE (default), 1 the reverse SDE.")
 @click.option("--no-denoise", is_flag=True, help="Skip the final noise-free denoising step.")
 @click.option("--class", "class_option", default=None, metavar="NAME|INDEX|all",
               help="Class-conditional models: draw this class (a name such as 'Ankle boot', or an index); "
@@ -225,7 +241,7 @@ def class_labels(model, class_option: str | None, num: int) -> tuple[np.ndarray 
                    "images (N, H, W, C) in [0, 1] (and 'labels' with --class).")
 @friendly_errors
 def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend, device, threads, noise,
-           substeps, snr, norms, no_denoise, class_option, guidance, out):
+           substeps, snr, norms, order, eta, no_denoise, class_option, guidance, out):
     """Draw samples from a trained model with the reverse-time SDE (or ODE)."""
     from tqdm import tqdm
 
@@ -247,6 +263,7 @@ def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend
         options["snr"] = snr
     if norms is not None:
         options["norms"] = norms
+    options.update(_gddim_options(sampler, order, eta))
     batches = -(-num // batch_size)
     adaptive = sampler.lower() in ("rk45",)
     with tqdm(total=None if adaptive else steps * batches, unit="step", desc=f"sampling ({backend})",
@@ -498,8 +515,10 @@ def _print_table(rows) -> None:
               show_default=True, help="--quality: the sampler that draws the samples.")
 @click.option("--steps", type=click.IntRange(min=1, max=MAX_SAMPLE_STEPS), default=100, show_default=True,
               help="--quality: sampler steps.")
-@click.option("--grid", "time_grid", type=click.Choice(["uniform", "quadratic"]), default="uniform", show_default=True,
-              help="--quality: sampler time grid.")
+@click.option("--grid", "time_grid", type=click.Choice(GRID_CHOICES), default=None,
+              help="--quality: sampler time grid (default: uniform; quadratic for gddim).")
+@click.option("--order", type=click.IntRange(1, 3), default=None, help="--quality, gddim: multistep order (2).")
+@click.option("--eta", type=float, default=None, help="--quality, gddim: 0 the ODE (default), 1 the reverse SDE.")
 @click.option("--samples", "samples_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="--quality: score these samples (.npz key 'samples', user units, as `sample --out` writes) "
                    "instead of drawing new ones.")
@@ -517,8 +536,8 @@ def _print_table(rows) -> None:
               help="Write the report as JSON here.")
 @friendly_errors
 def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator, rtol, atol, quality, n_samples,
-                 sampler, steps, time_grid, samples_file, n_ref, classifier, fid_weights, dataset, data_dir,
-                 batch_size, seed, out):
+                 sampler, steps, time_grid, order, eta, samples_file, n_ref, classifier, fid_weights, dataset,
+                 data_dir, batch_size, seed, out):
     """Measure a model: likelihood (--bpd) and/or sample quality (--quality).
 
     \b
@@ -574,7 +593,8 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
             q = quality_report(model, n_samples=n_samples, sampler=sampler, steps=steps, grid=time_grid,
                                samples_file=samples_file, n_ref=n_ref, dataset=dataset, data_dir=data_dir,
                                classifier=classifier_net, fid_net=fid_net, batch_size=batch_size, seed=seed,
-                               progress=lambda *step: bar.update(1))
+                               progress=lambda *step: bar.update(1),
+                               **_gddim_options(sampler, order, eta))
         report["quality"] = q
         for name, value in q["metrics"].items():
             if isinstance(value, dict):

@@ -82,19 +82,21 @@ def read_samples(path, data_cfg: dict) -> np.ndarray:
 
 
 def quality_report(model, *, n_samples: int = 1000, sampler: str = "lie-trotter", steps: int = 100,
-                   grid: str = "uniform", samples_file: str | Path | None = None,
+                   grid: str | None = None, samples_file: str | Path | None = None,
                    reference: tuple[np.ndarray, str] | None = None, n_ref: int = 10000, dataset: str | None = None,
                    data_dir: str | None = None, classifier=None, fid_net=None, batch_size: int = 64, seed: int = 0,
-                   progress: Callable | None = None) -> dict:
+                   progress: Callable | None = None, **sampler_options) -> dict:
     """Sample quality of a loaded model: FD/KD (and FID/KID with ``fid_net``) of ``n_samples`` fresh
     samples, or of the samples in ``samples_file``, against ``n_ref`` training examples.
 
     ``reference``: (images, name) from :func:`hold_mlx.quality.reference_images`, to score several
     models against one set; None draws it (seeded). ``classifier``: a loaded feature network (see
     :func:`quality_classifier`; None loads the shipped one where it applies). ``progress(step, t, u)``
-    runs after every sampler step of every batch.
+    runs after every sampler step of every batch. ``grid`` None: the sampler's default;
+    ``sampler_options`` (e.g. gddim's order, eta) go to the sampler.
     """
     from .quality import reference_images, sample_quality
+    from .samplers import resolve_sampler
 
     data_cfg = model.config["data"]
     start = time.time()
@@ -102,7 +104,8 @@ def quality_report(model, *, n_samples: int = 1000, sampler: str = "lie-trotter"
         samples = read_samples(samples_file, data_cfg)
         how = {"samples_file": str(samples_file)}
     else:
-        options = {"sampler": sampler, "steps": steps, "grid": grid}
+        grid = grid or getattr(resolve_sampler(sampler)[1], "default_grid", "uniform")
+        options = {"sampler": sampler, "steps": steps, "grid": grid, **sampler_options}
         drawn = model.sample(n_samples, batch_size=batch_size, seed=seed, callback=progress, **options)
         bad = int((~np.isfinite(drawn.x.reshape(len(drawn.x), -1))).any(axis=1).sum())
         if bad:

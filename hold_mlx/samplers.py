@@ -17,6 +17,7 @@ NFE convention: one batched ``score_fn`` call is one NFE, the final denoising ca
                                                      between N + 1 and 2 N + 1; the midpoints of
                                                      a step go in ONE call on a k-fold batch
     ams                                              (1 + corrector_steps) N + 1
+    gddim                                            N + 1 (its final call returns x0_hat)
 
 ``SampleResult.nfe`` reports the count; ``SampleResult.evals`` counts network evaluations per
 sample (a call on a k-fold batch counts k).
@@ -32,14 +33,17 @@ from typing import Callable
 import numpy as np
 
 from .backends import Ops
-from .sde import LinearSDE
+from .sde import LinearSDE, data_prediction_terms, gddim_steps, log_noise_scale
 
 __all__ = [
     "Context", "SampleResult", "run_sampler", "time_grid", "resolve_sampler", "SAMPLERS",
     "ALIASES", "GRIDS", "solve_rk45",
 ]
 
-GRIDS = ("uniform", "quadratic")
+GRIDS = ("uniform", "quadratic", "log-sigma", "edm")
+
+#: EDM's rho for the "edm" grid (Karras et al. 2022).
+EDM_RHO = 7.0
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -49,6 +53,8 @@ def time_grid(sde: LinearSDE, steps: int, kind: str = "uniform") -> np.ndarray:
     """steps + 1 decreasing times from T to eps_sample.
 
     "quadratic" is CLD's quadratic striding: dense near the data, tau_k = 1 - (1 - k/N)^2.
+    "log-sigma": uniform in lambda = log sigma_eff(t) (``sde.log_noise_scale``, the SDE's own
+    noise level; for VP log of EDM's sigma); "edm": EDM's rho-schedule (rho = 7) in sigma_eff.
     """
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -58,10 +64,29 @@ def time_grid(sde: LinearSDE, steps: int, kind: str = "uniform") -> np.ndarray:
         tau = frac
     elif kind == "quadratic":
         tau = 1.0 - (1.0 - frac) ** 2
+    elif kind in ("log-sigma", "edm"):
+        return _noise_level_grid(sde, frac, kind)
     else:
         raise ValueError(f"unknown time grid {kind!r}; choose one of {', '.join(GRIDS)}")
     ts = sde.T - (sde.T - sde.eps_sample) * tau
     ts[-1] = sde.eps_sample  # exactly, not up to rounding
+    return ts
+
+
+def _noise_level_grid(sde: LinearSDE, frac: np.ndarray, kind: str) -> np.ndarray:
+    """Times whose lambda = log sigma_eff is uniform ("log-sigma") or follows EDM's rho-schedule in
+    sigma_eff ("edm"); t(lambda) is inverted on a dense table (lambda is strictly increasing)."""
+    table_t = np.geomspace(sde.eps_sample, sde.T, 4001)
+    table_lam = log_noise_scale(sde, table_t)
+    lo, hi = table_lam[0], table_lam[-1]
+    if kind == "log-sigma":
+        lam = hi + (lo - hi) * frac
+    else:
+        inv_rho = 1.0 / EDM_RHO
+        a, b = np.exp(hi * inv_rho), np.exp(lo * inv_rho)
+        lam = EDM_RHO * np.log(a + (b - a) * frac)
+    ts = np.exp(np.interp(lam, table_lam, np.log(table_t)))
+    ts[0], ts[-1] = sde.T, sde.eps_sample
     return ts
 
 
@@ -497,6 +522,62 @@ def ams(ctx: Context, u, ts, snr: float = 0.16, momentum: bool = True, corrector
     return u
 
 
+# ----------------------------------------------------------------------------- gDDIM
+
+
+def _data_prediction(ctx: Context, u, t: float):
+    """x0_hat = E[x0 | u_t] from the last block's score (Tweedie; sde.data_prediction_terms); 1 NFE."""
+    key = ("x0", t)
+    if key not in ctx._cache:
+        row, scale = data_prediction_terms(ctx.sde, t)
+        ctx._cache[key] = (row[0] * scale[0], float(scale[0]))
+    weights, scale = ctx._cache[key]
+    return mix(weights[None], ctx.split(u))[0] + scale * ctx.score(u, t)
+
+
+def gddim(ctx: Context, u, ts, order: int = 2, eta: float = 0.0):
+    """gDDIM: a multistep exponential integrator of the probability-flow ODE (eta = 0) or of the
+    reverse SDE family du = [F u - (1 + eta^2)/2 sigma^2 s e_n] dB + eta G dW (eta = 1: the reverse
+    SDE) in data prediction; 1 NFE per step and the final denoising call returns x0_hat.
+
+    u <- Psi u + sum_j W_j x0_hat(t_{k-j}) + C z: the data prediction extrapolated by a Lagrange
+    polynomial of degree order - 1 in t through the last ``order`` calls (fewer for the first
+    steps), the linear part integrated exactly (coefficients from ``sde.gddim_steps``). Exact for
+    a one-point data law at every order and eta (in law for eta > 0). Its default grid is
+    "quadratic" (the best measured, docs/samplers.md).
+    """
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        raise ValueError(f"gddim order must be 1, 2 or 3, got {order!r}")
+    if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"gddim eta must be a number in [0, 1] (0: ODE, 1: reverse SDE), got {eta!r}")
+    key = ("gddim", tuple(np.asarray(ts, dtype=np.float64)), order, float(eta))
+    if key not in ctx._cache:
+        ctx._cache[key] = gddim_steps(ctx.sde, ts, order, float(eta))
+    history = []  # data predictions, most recent first
+    for k, (step, (t0, t1)) in enumerate(zip(ctx._cache[key], _pairs(ts))):
+        history = [_data_prediction(ctx, u, float(t0))] + history[:order - 1]
+        blocks = mix(step.transition, ctx.split(u))
+        for weights, x0 in zip(step.weights, history):
+            blocks = [b + float(w) * x0 if w != 0.0 else b for b, w in zip(blocks, weights)]
+        if step.noise_factor is not None:
+            z = ctx.split(ctx.noise.normal(ctx.ops, tuple(u.shape[1:])))
+            blocks = [b + c for b, c in zip(blocks, mix(step.noise_factor, z))]
+        u = ctx.join(blocks)
+        ctx.step_done(k, t1, u)
+    return u
+
+
+def _gddim_denoise(ctx: Context, u, t: float):
+    """The final call: the data block becomes x0_hat = E[x0 | u_t] (Tweedie); 1 NFE."""
+    blocks = ctx.split(u)
+    blocks[0] = _data_prediction(ctx, u, t)
+    return ctx.join(blocks)
+
+
+gddim.final_denoise = _gddim_denoise
+gddim.default_grid = "quadratic"
+
+
 # ----------------------------------------------------------------------------- registry and driver
 
 
@@ -508,6 +589,7 @@ SAMPLERS: dict[str, Callable] = {
     "ode": ode,
     "poisson-midpoint": poisson_midpoint,
     "ams": ams,
+    "gddim": gddim,
 }
 
 #: Other names, each with the options it implies.
@@ -562,10 +644,11 @@ def prior_sample(ctx: Context, data_shape: tuple[int, ...]):
 
 
 def run_sampler(sde: LinearSDE, score_fn: Callable, shape: tuple[int, ...], *, ops: Ops,
-                noise, sampler: str = "lie-trotter", steps: int = 100, grid: str = "uniform",
+                noise, sampler: str = "lie-trotter", steps: int = 100, grid: str | None = None,
                 denoise_final: bool = True, callback: Callable | None = None, **options) -> SampleResult:
     """Draw len(noise) = shape[0] samples of data shape ``shape`` on the backend of ``ops``.
 
+    ``grid=None`` takes the sampler's default grid ("uniform"; "quadratic" for gddim).
     ``callback(step, t, u)`` is called after every step. Extra ``options`` go to the sampler
     (e.g. substeps for poisson-midpoint, snr for ams, method/rtol/atol for ode).
     """
@@ -582,10 +665,10 @@ def run_sampler(sde: LinearSDE, score_fn: Callable, shape: tuple[int, ...], *, o
     if noise.batch != shape[0]:
         raise ValueError(f"noise is for {noise.batch} samples but shape asks for {shape[0]}")
     ctx = Context(sde, score_fn, ops, noise, shape[0], callback)
-    ts = time_grid(sde, steps, grid)
+    ts = time_grid(sde, steps, grid or getattr(fn, "default_grid", "uniform"))
     u = prior_sample(ctx, shape)
     u = fn(ctx, u, ts, **options)
-    if denoise_final:
-        u = denoise(ctx, u, float(ts[-1]))
+    if denoise_final:  # a sampler may bring its own final denoising call
+        u = getattr(fn, "final_denoise", denoise)(ctx, u, float(ts[-1]))
     ops.eval(u)
     return SampleResult(ctx.split(u)[0], u, ctx.nfe, ctx.evals)

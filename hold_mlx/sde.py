@@ -471,3 +471,190 @@ def get_sde(name: str, **overrides) -> LinearSDE:
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for SDE {key!r}; allowed: {sorted(allowed)}")
     return _PRESETS[key](**overrides)
+
+
+# ----------------------------------------------------------------------------- gDDIM coefficients
+#
+# The probability-flow ODE and its stochastic relatives, per unit of B in forward time,
+#     du = [F u - k sigma^2 e_n s_n] dB + eta G dW,   k = (1 + eta^2) / 2,
+# keep the marginals p_t for every eta in [0, 1]. With the hybrid-start kernel N(mu_t x0, Sigma_t),
+# mu_t = expm(F B(t)) e_1, the last block's score is s_n = -(Sigma_t^-1 u)_n + d_t x0_hat with
+# d_t = (Sigma_t^-1 mu_t)_n and x0_hat = E[x0 | u_t] (Tweedie), so
+#     du = [M_t u + g_t x0_hat] dB,   M_t = F + k sigma^2 e_n (Sigma_t^-1)_{n,:},  g_t = -k sigma^2 d_t e_n.
+# x0_hat is the smooth quantity (constant along the flow for a one-point data law), so a step
+# extrapolates it by a polynomial in t and integrates the linear part exactly.
+
+
+def accurate_cov(sde: LinearSDE, t) -> np.ndarray:
+    """Sigma_t (hybrid start) without the cancellation of S - A S A^T at small t.
+
+    For B(t) |F| < 1 the added noise W_t comes from Van Loan's expm([[-F, G G^T], [0, F^T]] B),
+    which keeps the data block's tiny variance to full relative precision.
+    """
+    times, scalar = _as_times(t)
+    n = sde.order
+    dB = sde.B(times)[:, None, None]
+    block = np.zeros((len(times), 2 * n, 2 * n))
+    block[:, :n, :n] = -sde.F * dB
+    block[:, :n, n:] = np.outer(sde.G, sde.G) * dB
+    block[:, n:, n:] = sde.F.T * dB
+    E = expm(block)
+    a = np.swapaxes(E[:, n:, n:], -1, -2)
+    at = np.swapaxes(a, -1, -2)
+    S = sde.stationary_cov()
+    early = (np.abs(sde.F).sum(0).max() * dB[:, 0, 0] < 1.0)[:, None, None]
+    W = np.where(early, a @ E[:, :n, n:], S - a @ S @ at)
+    c = a @ sde.initial_cov @ at + W
+    c = 0.5 * (c + np.swapaxes(c, -1, -2))
+    return c[0] if scalar else c
+
+
+def data_prediction_terms(sde: LinearSDE, t):
+    """(row, scale) with x0_hat = scale * (s_n + row . u) at times t: row = (Sigma_t^-1)_{n,:}
+    (k, n) and scale = 1 / (Sigma_t^-1 mu_t)_n (k,)."""
+    times, _ = _as_times(t)
+    cov = accurate_cov(sde, times)
+    mu = sde.mean_coeff(times)[:, :, 0]
+    inv = np.linalg.inv(cov)
+    row = inv[:, -1, :]
+    return row, 1.0 / np.einsum("kn,kn->k", row, mu)
+
+
+def log_noise_scale(sde: LinearSDE, t) -> np.ndarray:
+    """lambda(t) = log sigma_eff(t), sigma_eff^2 = 1 / (mu_t^T Sigma_t^-1 mu_t): the posterior
+    variance of x0 from u_t under a flat prior. Strictly increasing in t (u_t -> u_t' is Markov,
+    so u_t' knows less about x0); for VP it is EDM's sigma = sqrt(1 - a^2) / a."""
+    times, scalar = _as_times(t)
+    cov = accurate_cov(sde, times)
+    mu = sde.mean_coeff(times)[:, :, 0]
+    info = np.einsum("kn,kn->k", mu, np.linalg.solve(cov, mu[..., None])[..., 0])
+    lam = -0.5 * np.log(info)
+    return lam[0] if scalar else lam
+
+
+@dataclass(frozen=True)
+class GDDIMStep:
+    """One step t_from -> t_to: u <- transition u + sum_j weights[j] x0_hat_j + noise_factor z.
+
+    weights[j] (n,) multiplies the data prediction at the j-th most recent grid time (j = 0 is
+    t_from); noise_factor is None for eta = 0.
+    """
+
+    transition: np.ndarray
+    weights: np.ndarray
+    noise_factor: np.ndarray | None
+
+
+def _lagrange_basis(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """l_j(x) for the Lagrange basis on ``nodes`` (q,), at points x (m,): (q, m)."""
+    out = np.ones((len(nodes), len(x)))
+    for j, xj in enumerate(nodes):
+        for i, xi in enumerate(nodes):
+            if i != j:
+                out[j] *= (x - xi) / (xj - xi)
+    return out
+
+
+def _cholesky_frame_generator(sde: LinearSDE, t: np.ndarray, k_coef: float):
+    """Sigma_t = L L^T (Cholesky) and the generator A of w = L^-1 u: dw/dB = A w + L^-1 g x0_hat.
+
+    A = L^-1 M L - L^-1 L', with L' = L Phi(L^-1 Sigma' L^-T) (Phi: lower triangle, half diagonal)
+    and Sigma' = F Sigma + Sigma F^T + G G^T. For the ODE A is skew (a rotation: Psi Sigma Psi^T =
+    Sigma' exactly); its entries grow only about like 1/t (ratios of Cholesky diagonals), so a grid
+    geometric in t resolves it, where M itself grows like a higher power of 1/t and is stiff.
+    """
+    n = sde.order
+    cov = accurate_cov(sde, t)
+    L = np.linalg.cholesky(cov)
+    Linv = np.linalg.inv(L)
+    GG = np.outer(sde.G, sde.G)
+    dcov = sde.F @ cov + cov @ sde.F.T + GG
+    X = Linv @ dcov @ np.swapaxes(Linv, -1, -2)
+    phi = np.tril(X, -1) + 0.5 * np.eye(n) * np.diagonal(X, axis1=-2, axis2=-1)[..., None, :]
+    M = sde.F + k_coef * GG @ np.linalg.inv(cov)
+    A = Linv @ M @ L - phi
+    return L, Linv, A
+
+
+def _lagrange_slope(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """d l_j / dx on ``nodes`` (q,), at points x (m,): (q, m)."""
+    q = len(nodes)
+    out = np.zeros((q, len(x)))
+    for j in range(q):
+        for m in range(q):
+            if m == j:
+                continue
+            term = np.full(len(x), 1.0 / (nodes[j] - nodes[m]))
+            for i in range(q):
+                if i not in (j, m):
+                    term = term * (x - nodes[i]) / (nodes[j] - nodes[i])
+            out[j] += term
+    return out
+
+
+def gddim_steps(sde: LinearSDE, ts, order: int = 2, eta: float = 0.0, substeps: int = 64,
+                variable: str = "t") -> list[GDDIMStep]:
+    """Float64 coefficients of the gDDIM multistep exponential integrator on the decreasing grid ts.
+
+    Step k uses q = min(order, k + 1) data predictions (at t_k, t_{k-1}, ...), extrapolated by the
+    Lagrange polynomial in ``variable`` ("t", "B" or "lambda" = log sigma_eff; t measured best on
+    the exact-score benchmark, see docs/samplers.md). The transition Psi of the linear part is
+    integrated in the Cholesky frame of Sigma_t (see ``_cholesky_frame_generator``) over
+    ``substeps`` sub-intervals per step, geometric in t, by one matrix exponential each with A at
+    its midpoint (second order); the weights int Psi(t_to, tau) g_tau l_j(tau) dB come by parts
+    (below) with the trapezoidal rule. The noise covariance uses that every member of the family
+    keeps the marginals: for a one-point data law at 0 the law N(0, Sigma_t) must map to
+    N(0, Sigma_t'), so Q = Sigma_t' - Psi Sigma_t Psi^T = L' (I - R R^T) L'^T, R the frame's transition.
+    """
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        raise ValueError(f"gddim order must be 1, 2 or 3, got {order!r}")
+    if not (np.isfinite(eta) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"gddim eta must lie in [0, 1] (0: ODE, 1: reverse SDE), got {eta!r}")
+    if variable not in ("lambda", "B", "t"):
+        raise ValueError(f"unknown extrapolation variable {variable!r}; choose lambda, B or t")
+    ts = np.asarray(ts, dtype=np.float64)
+    n = sde.order
+    k_coef = 0.5 * (1.0 + eta * eta)
+    coord = {"lambda": lambda t: log_noise_scale(sde, t), "B": sde.B,
+             "t": lambda t: np.asarray(t, dtype=np.float64)}[variable]
+    nodes_all = coord(ts)
+    L_grid = np.linalg.cholesky(accurate_cov(sde, ts))
+    steps = []
+    for k in range(len(ts) - 1):
+        t0, t1 = ts[k], ts[k + 1]
+        q = min(order, k + 1)
+        nodes = nodes_all[k - q + 1:k + 1][::-1]  # t_k, t_{k-1}, ...
+        edges = np.geomspace(t0, t1, substeps + 1)
+        mids = np.sqrt(edges[:-1] * edges[1:])
+        h = sde.B(edges[:-1]) - sde.B(edges[1:])  # > 0: a reverse-time step in B
+        A = _cholesky_frame_generator(sde, mids, k_coef)[2]
+        # Reverse time (ds = -dB): dw/ds = -A w, one expm per sub-interval; R_to[i] = R(t_to, edge_i).
+        R_sub = expm(-A * h[:, None, None])
+        R_to = np.empty((substeps + 1, n, n))
+        R_to[-1] = np.eye(n)
+        for i in range(substeps - 1, -1, -1):
+            R_to[i] = R_to[i + 1] @ R_sub[i]
+        R = R_to[0]
+        L0, L1 = L_grid[k], L_grid[k + 1]
+        # Weights by parts: g = mu' - M mu (the mean solves the ODE with x0_hat = 1), so
+        # int Psi(t1, tau) g l_j dB = mu_1 l_j(t1) - Psi mu_0 l_j(t0) - int Psi(t1, tau) mu_tau dl_j;
+        # Psi(t1, tau) mu_tau stays bounded where g grows like 1/t^n, and for q = 1 this is exact.
+        _, Linv_e, _ = _cholesky_frame_generator(sde, edges, k_coef) if q > 1 else (None, None, None)
+        psi = L1 @ R @ np.linalg.inv(L0)
+        mu0, mu1 = sde.mean_coeff(t0)[:, 0], sde.mean_coeff(t1)[:, 0]
+        v_edges = coord(edges)
+        weights = np.zeros((q, n))
+        ends = _lagrange_basis(nodes, np.array([coord(t0), coord(t1)]).reshape(-1))
+        for j in range(q):
+            weights[j] = mu1 * ends[j, 1] - psi @ mu0 * ends[j, 0]
+        if q > 1:
+            frame_mean = np.einsum("kij,kj->ki", Linv_e, sde.mean_coeff(edges)[:, :, 0])
+            carried = np.einsum("kij,kj->ki", R_to, frame_mean) @ L1.T  # Psi(t1, edge) mu_edge
+            slope = _lagrange_slope(nodes, v_edges)  # (q, substeps + 1)
+            dv = np.diff(v_edges)
+            for j in range(q):
+                f = carried * slope[j][:, None]
+                weights[j] -= (0.5 * (f[:-1] + f[1:]) * dv[:, None]).sum(0)
+        noise = L1 @ psd_sqrt(np.eye(n) - R @ R.T) if eta > 0 else None
+        steps.append(GDDIMStep(psi, weights, noise))
+    return steps

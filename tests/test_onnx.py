@@ -171,12 +171,13 @@ def test_fp16_export_stays_close_to_torch(tmp_path):
 # ----------------------------------------------------------------------------- same samples everywhere
 
 
-def test_same_seed_same_samples_on_onnx_mlx_and_torch(exported):
+@pytest.mark.parametrize("sampler", [{}, {"sampler": "gddim", "order": 3, "eta": 0.5}])
+def test_same_seed_same_samples_on_onnx_mlx_and_torch(exported, sampler):
     pytest.importorskip("mlx.core")
     from hold_mlx.model import load
 
     ckpt, out, _ = exported
-    options = dict(steps=8, seed=11, batch_size=3)
+    options = dict(steps=8, seed=11, batch_size=3, **sampler)
     drawn = load(out, "onnx", threads=1).sample(5, **options)
     x_onnx, nfe = drawn.x, drawn.nfe
     x_mlx = load(ckpt, "mlx").sample(5, **options).x

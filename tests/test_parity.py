@@ -36,7 +36,7 @@ def _samples(checkpoint, backend, **options):
     return load(checkpoint, backend).sample(5, batch_size=3, seed=11, **options).x
 
 
-@pytest.mark.parametrize("sampler", ["lie-trotter", "euler-maruyama"])
+@pytest.mark.parametrize("sampler", ["lie-trotter", "euler-maruyama", "gddim"])
 def test_same_checkpoint_same_seed_same_samples(tmp_path, sampler):
     """Random U-Net weights (every layer active), portable noise: MLX and torch agree."""
     sde = get_sde("hold")

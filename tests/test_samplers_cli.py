@@ -32,6 +32,8 @@ def sample_cli(*args):
     ["--sampler", "plmc", "--substeps", "3"],
     ["--sampler", "ams", "--norms", "batch", "--snr", "0.1"],
     ["--sampler", "rk45"],
+    ["--sampler", "gddim", "--order", "3", "--eta", "0.5", "--grid", "edm"],
+    ["--sampler", "gddim", "--grid", "log-sigma"],
 ])
 def test_sample_options_reach_the_sampler(tmp_path, points_run, extra):
     npz = tmp_path / "s.npz"
@@ -48,4 +50,16 @@ def test_an_option_the_sampler_does_not_take_is_a_one_line_error(tmp_path, point
                         "--out", tmp_path / "x.npz")
     assert result.exit_code != 0
     assert "Error: sampler 'lie-trotter' has no option 'substeps'" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sampler", "gddim", "--eta", "2"], "Error: gddim eta must be a number in [0, 1]"),
+    (["--sampler", "gddim", "--order", "4"], "Invalid value for '--order'"),
+    (["--sampler", "lie-trotter", "--order", "2"], "Error: --order applies only to --sampler gddim"),
+])
+def test_gddim_options_are_checked(tmp_path, points_run, extra, message):
+    result = sample_cli("--checkpoint", points_run, "--steps", "3", "--out", tmp_path / "x.npz", *extra)
+    assert result.exit_code != 0
+    assert message in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
