@@ -15,7 +15,7 @@ import pytest
 
 from hold_mlx.api import sample_full
 from hold_mlx.exact import ExactScore, ring_mixture
-from hold_mlx.backends import NumpyOps
+from hold_mlx.backends import NumpyBackend
 from hold_mlx.noise import PortableNoise
 from hold_mlx.samplers import GRIDS, run_sampler, time_grid
 from hold_mlx.sde import accurate_cov, data_prediction_terms, gddim_steps, get_sde, log_noise_scale
@@ -149,7 +149,7 @@ def test_one_point_law_is_exact(case, order, eta):
     x0 = np.array([0.7, -1.2])
     states = []
     # float64: the score of a point law near t = 0 is -(Sigma^-1 (u - mu x0))_n with entries ~1e7
-    res = run_sampler(sde, dirac_score(sde, x0), (4000, 2), ops=NumpyOps(np.float64),
+    res = run_sampler(sde, dirac_score(sde, x0), (4000, 2), ops=NumpyBackend(np.float64),
                       noise=PortableNoise(3, np.arange(4000)), sampler="gddim", steps=3, order=order, eta=eta,
                       callback=lambda k, t, u: states.append((t, np.array(u))))
     np.testing.assert_allclose(res.x, np.broadcast_to(x0, res.x.shape), atol=1e-6)

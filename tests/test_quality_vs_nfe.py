@@ -25,16 +25,16 @@ def tool():
 
 @pytest.mark.slow  # ~5-15 s: loads the shipped model and classifier, samples 24 images
 def test_tiny_table_is_cached_resumed_and_rendered(tmp_path, tool, monkeypatch):
-    from hold_mlx import runtime
+    from hold_mlx.model import Model
 
     calls = []
-    real_draw = runtime.draw_samples
+    real_sample = Model.sample
 
-    def counting_draw(*args, **kwargs):
+    def counting_sample(self, *args, **kwargs):
         calls.append((kwargs["sampler"], kwargs["steps"]))
-        return real_draw(*args, **kwargs)
+        return real_sample(self, *args, **kwargs)
 
-    monkeypatch.setattr(runtime, "draw_samples", counting_draw)
+    monkeypatch.setattr(Model, "sample", counting_sample)
     out, cache, png = tmp_path / "table.md", tmp_path / "cache.json", tmp_path / "plot.png"
     out.write_text("# Samplers\n\nhand-written text\n")
     argv = ["--samples", "6", "--seeds", "2", "--nfe", "3", "--configs", "gddim-2,lie-trotter", "--n-ref", "30",

@@ -86,13 +86,13 @@ def cell_key(label: str, nfe: int, seed: int) -> str:
 
 
 def run(args) -> dict:
-    from hold_mlx.data import load_dataset, to_user_units
-    from hold_mlx.runtime import draw_samples, load_runtime
+    from hold_mlx import load
+    from hold_mlx.data import load_dataset
 
     cache = json.loads(args.cache.read_text()) if args.cache.exists() else {}
     cells = cache.setdefault("cells", {})
-    runtime = load_runtime(args.checkpoint, args.backend)
-    data_cfg = runtime.config["data"]
+    model = load(args.checkpoint, args.backend)
+    data_cfg = model.config["data"]
     if tuple(data_cfg["shape"]) != (28, 28, 1):
         raise SystemExit(f"this table uses the Fashion-MNIST classifier; the model makes {tuple(data_cfg['shape'])}")
     scorer = Scorer(data_cfg, args.n_ref, args.classifier)
@@ -122,9 +122,10 @@ def run(args) -> dict:
                     return cache
                 t0 = time.time()
                 options = {"grid": None, **config.options}
-                drawn, real_nfe = draw_samples(runtime, args.samples, batch_size=args.batch_size, seed=seed,
-                                               sampler=config.sampler, steps=config.steps_for(nfe), **options)
-                cells[key] = {**scorer(to_user_units(drawn, data_cfg), seed), "nfe": int(real_nfe),
+                drawn = model.sample(args.samples, batch_size=args.batch_size, seed=seed,
+                                     sampler=config.sampler, steps=config.steps_for(nfe), **options)
+                real_nfe = drawn.nfe
+                cells[key] = {**scorer(drawn.user_units(), seed), "nfe": int(real_nfe),
                               "seconds": time.time() - t0}
                 save(args.cache, cache)
                 print(f"{label:16s} NFE {nfe:4d} (realised {real_nfe:4d}) seed {seed}: FD {cells[key]['fd']:.3f} "
