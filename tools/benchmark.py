@@ -363,14 +363,11 @@ def quick_worker(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    from hold_mlx.api import sample_full
-
     with tempfile.TemporaryDirectory() as tmp:
-        rt, _ = load_backend(kind, Path(args.checkpoint), args.threads, Path(tmp))
-        ops, shape = rt.ops, (args.batch,) + rt.data_shape
+        model, _ = load_backend(kind, Path(args.checkpoint), args.threads, Path(tmp))
 
         def sample():
-            ops.to_numpy(sample_full(rt.sde, rt.score_fn, shape, ops=ops, steps=max(args.steps), seed=0).x)
+            model.sample(args.batch, steps=max(args.steps), seed=0, batch_size=args.batch)
 
         train = None
         if kind in ("mlx", "torch") and not args.no_train:
