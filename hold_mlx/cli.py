@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -18,11 +19,15 @@ import numpy as np
 
 from . import __version__
 
-SAMPLER_CHOICES = ("lie-trotter", "strang", "euler-maruyama", "exp-euler", "ode", "poisson-midpoint", "ams",
-                   "gddim", "heun", "exp-heun", "rk45", "plmc", "plmc-one", "sscs", "em")
+from .parameterisation import WEIGHTINGS
+from .samplers import ALIASES, GRIDS, SAMPLERS
+from .sde import SDE_NAMES
+from .trainloop import TrainConfig
 
-
-GRID_CHOICES = ("uniform", "quadratic", "log-sigma", "edm")
+#: The library's registries and defaults, not copies of them.
+SAMPLER_CHOICES = (*SAMPLERS, *ALIASES)
+GRID_CHOICES = GRIDS
+_TRAIN = TrainConfig()
 
 
 def _gddim_options(sampler: str, order, eta) -> dict:
@@ -147,6 +152,9 @@ def main():
       hold-mlx eval --bpd --quality            # bits/dim and FD/KD-FMNIST-classifier of the shipped model
       hold-mlx doctor                          # what is installed and which BLAS MLX uses
     """
+    # The commands check the samples themselves and stop with one Error: line; the library's
+    # warning for Python callers would only repeat it.
+    warnings.filterwarnings("ignore", message=".*samples contain NaN or Inf", category=RuntimeWarning)
 
 
 # ----------------------------------------------------------------------------- sample
@@ -293,15 +301,6 @@ def _parse_assignments(items, what: str) -> dict:
     return out
 
 
-_TRAIN_OPTION_FIELDS = {
-    "dataset": "dataset", "data_dir": "data_dir", "image_size": "image_size", "sde": "sde", "net": "net",
-    "steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup", "weight_decay": "weight_decay",
-    "grad_clip": "grad_clip", "ema_decay": "ema_decay", "weighting": "weighting", "mixed_score": "mixed_score",
-    "hflip": "hflip", "seed": "seed", "save_every": "save_every", "sample_every": "sample_every",
-    "sample_steps": "sample_steps", "compile": "compile", "backend": "backend", "device": "device", "amp": "amp",
-    "channels_last": "channels_last", "init_from": "init_from", "conditional": "conditional",
-    "label_dropout": "label_dropout", "labels": "labels",
-}
 
 
 def _preview(trainer, step: int) -> str:
@@ -328,43 +327,45 @@ def _preview(trainer, step: int) -> str:
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Run folder. If it holds a run, training resumes where it stopped (options you do not "
                    "give are taken from the run; --steps may be raised).")
-@click.option("--dataset", default="fashion-mnist", show_default=True,
+@click.option("--dataset", default=_TRAIN.dataset, show_default=True,
               help="fashion-mnist, mnist, digits, cifar10, checkerboard, swiss-roll, 8gaussians, rings, an image "
                    "folder, or a .npy file of points (N, d).")
 @click.option("--data-dir", default=None, help="Folder of the dataset files (fashion-mnist default: "
                                                 "/usr/share/datasets/fashion-mnist; mnist and cifar10 need it).")
 @click.option("--image-size", type=int, default=None, help="Resize an image folder to this size.")
-@click.option("--sde", type=click.Choice(["vp", "cld", "hold"]), default="hold", show_default=True)
+@click.option("--sde", type=click.Choice(SDE_NAMES), default=_TRAIN.sde, show_default=True)
 @click.option("--order", type=click.IntRange(min=1, max=8), default=None,
               help="HOLD order n (default 3; at most 8: the state holds n copies of the data).")
 @click.option("--sde-param", multiple=True, metavar="KEY=VALUE",
               help="SDE override, repeatable: e.g. T=5, L_inv=0.5, beta=4 (see hold_mlx.get_sde).")
-@click.option("--net", default="auto", show_default=True,
+@click.option("--net", default=_TRAIN.net, show_default=True,
               help="Network preset: tiny, digits, fashion-mnist, cifar10, mlp, mlp-tiny; auto picks it from "
                    "the data: mlp for points, the preset of a known image set (fashion-mnist, mnist, digits, "
                    "cifar10), for an image folder digits (<= 16 px), fashion-mnist (<= 28 px) or cifar10.")
 @click.option("--net-param", multiple=True, metavar="KEY=VALUE",
               help="Network override, repeatable: e.g. channels=64, channel_mult=[1,2,2].")
-@click.option("--steps", type=click.IntRange(min=1), default=10_000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=500, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="> 0 uses AdamW.")
-@click.option("--grad-clip", type=float, default=1.0, show_default=True)
-@click.option("--ema-decay", type=float, default=0.999, show_default=True)
-@click.option("--weighting", type=click.Choice(["eps", "likelihood"]), default="eps", show_default=True)
-@click.option("--mixed-score/--no-mixed-score", default=True, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=_TRAIN.steps, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=_TRAIN.batch_size, show_default=True)
+@click.option("--lr", type=float, default=_TRAIN.lr, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=_TRAIN.warmup, show_default=True)
+@click.option("--weight-decay", type=float, default=_TRAIN.weight_decay, show_default=True, help="> 0 uses AdamW.")
+@click.option("--grad-clip", type=float, default=_TRAIN.grad_clip, show_default=True)
+@click.option("--ema-decay", type=float, default=_TRAIN.ema_decay, show_default=True)
+@click.option("--weighting", type=click.Choice(WEIGHTINGS), default=_TRAIN.weighting, show_default=True)
+@click.option("--mixed-score/--no-mixed-score", default=_TRAIN.mixed_score, show_default=True)
 @click.option("--hflip", is_flag=True, help="Random horizontal flips.")
-@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
-@click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--sample-every", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=_TRAIN.seed, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=1), default=_TRAIN.save_every, show_default=True)
+@click.option("--sample-every", type=click.IntRange(min=0), default=_TRAIN.sample_every, show_default=True,
               help="Write a preview grid every N steps (0: only at the end).")
-@click.option("--sample-steps", type=click.IntRange(min=1, max=MAX_SAMPLE_STEPS), default=50, show_default=True)
-@click.option("--compile/--no-compile", default=True, show_default=True,
+@click.option("--sample-steps", type=click.IntRange(min=1, max=MAX_SAMPLE_STEPS), default=_TRAIN.sample_steps,
+              show_default=True)
+@click.option("--compile/--no-compile", default=_TRAIN.compile, show_default=True,
               help="mx.compile the MLX step; torch.compile on CUDA.")
-@click.option("--backend", type=click.Choice(["mlx", "torch"]), default="mlx", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="torch only.")
-@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
+@click.option("--backend", type=click.Choice(["mlx", "torch"]), default=_TRAIN.backend, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_TRAIN.device, show_default=True,
+              help="torch only.")
+@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default=_TRAIN.amp, show_default=True,
               help="torch: mixed precision for the network (bf16 on CUDA or CPU; fp16 with loss scaling, CUDA).")
 @click.option("--channels-last", is_flag=True, help="torch: channels_last memory format.")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
@@ -372,7 +373,8 @@ def _preview(trainer, step: int) -> str:
                    "weights; fresh optimizer, step 0), e.g. to fine-tune a finished model.")
 @click.option("--conditional", is_flag=True,
               help="Class-conditional network (labels from the dataset; an image folder: one sub-folder per class).")
-@click.option("--label-dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
+@click.option("--label-dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=_TRAIN.label_dropout,
+              show_default=True,
               help="--conditional: probability of training a sample with 'no label' (for classifier-free guidance).")
 @click.option("--labels", type=click.Path(dir_okay=False), default=None,
               help="A .npy file of integer class labels for a .npy file of points (one per point).")
@@ -396,13 +398,13 @@ def train(ctx, out, order, sde_param, net_param, **options):
     resuming = (out / STATE_FILE).exists()
     if resuming:
         stored = TrainConfig.from_dict(read_config(out / STATE_FILE).get("train", {})).to_dict()
-        values = {**stored, **{_TRAIN_OPTION_FIELDS[k]: options[k] for k in given}}
+        values = {**stored, **{k: options[k] for k in given}}
         if sde_params:
             values["sde_params"] = sde_params
         if net_params:
             values["net_params"] = net_params
     else:
-        values = {_TRAIN_OPTION_FIELDS[k]: v for k, v in options.items()}
+        values = dict(options)
         values.update(sde_params=sde_params, net_params=net_params)
     cfg = TrainConfig.from_dict(values)
     if cfg.backend == "torch":

@@ -94,7 +94,7 @@ class ScoreParameterisation:
         distinct time and broadcast back.
         """
         times, index = np.unique(np.atleast_1d(np.asarray(t, dtype=np.float64)), return_inverse=True)
-        ell = self.sde.kernel(times).ell
+        ell = self.sde.perturbation(times).ell
         b = -1.0 / self.sde.mixed_score_var(times) if self.mixed_score else np.zeros_like(times)
         return (-1.0 / ell)[index], b[index]
 
@@ -102,7 +102,7 @@ class ScoreParameterisation:
         """Perturbation kernel, residual's mixed coefficient and loss weight at training times t."""
         sde = self.sde
         t = np.asarray(t, dtype=np.float64)
-        k = sde.kernel(t)
+        k = sde.perturbation(t)
         ell = k.ell
         mixed = ell / sde.mixed_score_var(t) if self.mixed_score else np.zeros_like(t)
         if self.weighting == "eps":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -468,13 +469,13 @@ def ams(ctx: Context, u, ts, snr: float = 0.16, momentum: bool = True, corrector
 
     A step u_n <- u_n + a s + sqrt(2 a) z leaves p(u_n | other blocks) invariant, so the corrector
     moves the last block only. Per sample, with z fresh noise and s the score:
-      first step (and always with momentum=False): beta = 0, m = s, alpha = 2 (snr |z| / |s|)^2,
+      first step (and always with momentum=False): rho = 0, m = s, h = 2 (snr |z| / |s|)^2,
         which is score_sde's Langevin corrector;
-      later steps: L^ = |s - s_prev| / |Delta_prev| with Delta_prev = a~_prev m_prev,
-        beta = clip(((1 - a~_prev L^) / (1 + a~_prev L^))^2, 0, 1 - 1e-4),
-        alpha = 2 (snr |z| / |m_prev|)^2, m = beta m_prev + (1 - beta) s;
-      a~ = alpha (1 + beta)^2, u_n += a~ m + sqrt(2 alpha) z.
-    The state (m, s, |Delta|, a~) carries over from step to step, as in the AMS code; score_sde's
+      later steps: L^ = |s - s_prev| / |Delta_prev| with Delta_prev = h~_prev m_prev,
+        rho = clip(((1 - h~_prev L^) / (1 + h~_prev L^))^2, 0, 1 - 1e-4),
+        h = 2 (snr |z| / |m_prev|)^2, m = rho m_prev + (1 - rho) s;
+      h~ = h (1 + rho)^2, u_n += h~ m + sqrt(2 h) z.
+    The state (m, s, |Delta|, h~) carries over from step to step, as in the AMS code; score_sde's
     alpha_t factor (1 - beta_i for VP) is taken as 1.
 
     norms="sample" (default) takes every norm per sample, so a sample does not depend on its
@@ -495,7 +496,7 @@ def ams(ctx: Context, u, ts, snr: float = 0.16, momentum: bool = True, corrector
         values = np.sqrt(ops.sum_squares(x))
         return values if norms == "sample" else np.full_like(values, values.mean())
 
-    state = None  # (m, s, |Delta|, a~) of the previous corrector step
+    state = None  # (m, s, |Delta|, h~) of the previous corrector step
     for k, (t0, t1) in enumerate(_pairs(ts)):
         u = lie_trotter_step(ctx, u, t0, t1)
         for _ in range(int(corrector_steps)):
@@ -503,21 +504,21 @@ def ams(ctx: Context, u, ts, snr: float = 0.16, momentum: bool = True, corrector
             s = ctx.score(u, t1)
             z = ctx.noise.normal(ops, tuple(s.shape[1:]))
             if state is None or not momentum:
-                beta, m, direction = np.zeros(ctx.batch), s, norm(s)
+                rho, m, direction = np.zeros(ctx.batch), s, norm(s)
             else:
-                m_prev, s_prev, delta_prev, atilde_prev = state
+                m_prev, s_prev, delta_prev, h_eff_prev = state
                 lhat = norm(s - s_prev) / np.maximum(delta_prev, 1e-30)
-                ratio = atilde_prev * lhat
-                beta = np.clip(((1.0 - ratio) / (1.0 + ratio)) ** 2, 0.0, 1.0 - 1e-4)
+                ratio = h_eff_prev * lhat
+                rho = np.clip(((1.0 - ratio) / (1.0 + ratio)) ** 2, 0.0, 1.0 - 1e-4)
                 direction = norm(m_prev)
-                bb = ops.per_sample(beta, s.ndim)
+                bb = ops.per_sample(rho, s.ndim)
                 m = bb * m_prev + (1.0 - bb) * s
-            alpha = 2.0 * (snr * norm(z) / np.maximum(direction, 1e-30)) ** 2
-            atilde = alpha * (1.0 + beta) ** 2
-            blocks[-1] = (blocks[-1] + ops.per_sample(atilde, m.ndim) * m
-                          + ops.per_sample(np.sqrt(2.0 * alpha), z.ndim) * z)
+            h = 2.0 * (snr * norm(z) / np.maximum(direction, 1e-30)) ** 2
+            h_eff = h * (1.0 + rho) ** 2
+            blocks[-1] = (blocks[-1] + ops.per_sample(h_eff, m.ndim) * m
+                          + ops.per_sample(np.sqrt(2.0 * h), z.ndim) * z)
             u = ctx.join(blocks)
-            state = (m, s, atilde * norm(m), atilde)
+            state = (m, s, h_eff * norm(m), h_eff)
         ctx.step_done(k, t1, u)
     return u
 
@@ -671,4 +672,7 @@ def run_sampler(sde: LinearSDE, score_fn: Callable, shape: tuple[int, ...], *, o
     if denoise_final:  # a sampler may bring its own final denoising call
         u = getattr(fn, "final_denoise", denoise)(ctx, u, float(ts[-1]))
     ops.eval(u)
+    if not ops.all_finite(u):  # the caller keeps the samples; a silent NaN grid helps nobody
+        warnings.warn(f"{sampler}: the samples contain NaN or Inf (the score function returned non-finite "
+                      "values, or the steps are too few for this sampler)", RuntimeWarning, stacklevel=2)
     return SampleResult(ctx.split(u)[0], u, ctx.nfe, ctx.evals)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LinearSDE", "Kernel", "ReverseDrift", "get_sde", "expm", "psd_sqrt", "SDE_NAMES"]
+__all__ = ["LinearSDE", "Perturbation", "ReverseDrift", "get_sde", "expm", "psd_sqrt", "SDE_NAMES"]
 
 SDE_NAMES = ("vp", "cld", "hold")
 
@@ -66,8 +66,8 @@ def _as_times(t) -> tuple[np.ndarray, bool]:
 
 
 @dataclass(frozen=True)
-class Kernel:
-    """The hybrid-start perturbation kernel at times t (leading axis k, one entry per time).
+class Perturbation:
+    """The hybrid-start perturbation law p(u_t | x0) = N(A(t) x0, Sigma_t) at times t (leading axis k, one entry per time).
 
     mean_coeff: (k, n, n) expm(F B(t)); cov: (k, n, n) Sigma_t; chol: lower Cholesky factor of
     Sigma_t + numerical_eps I; ell: (k,) chol[n-1, n-1], the scale of the last block's noise, so
@@ -246,7 +246,7 @@ class LinearSDE:
         c = 0.5 * (c + np.swapaxes(c, -1, -2))
         return c[0] if scalar else c
 
-    def kernel(self, t) -> Kernel:
+    def perturbation(self, t) -> Perturbation:
         """Everything training needs at times t (array of k times)."""
         times, _ = _as_times(t)
         a = self.mean_coeff(times)
@@ -259,7 +259,7 @@ class LinearSDE:
                 "the perturbation kernel covariance is not positive definite at some t; "
                 "increase numerical_eps or eps_loss"
             ) from err
-        return Kernel(times, a, c, chol, chol[:, -1, -1].copy())
+        return Perturbation(times, a, c, chol, chol[:, -1, -1].copy())
 
     def mixed_score_var(self, t) -> np.ndarray:
         """Var of the last block when the data is Gaussian with variance ``mixed_data_var``.
@@ -424,7 +424,13 @@ def _cld(beta=4.0, m_inv=4.0, friction=None, gamma_v=0.04, T=1.0, **common):
     )
 
 
-def _hold(order=3, couplings=None, xi=None, L_inv=0.5, alpha=0.08, T=5.0, beta=1.0, **common):
+def _hold(order=3, couplings=None, xi=None, L_inv=0.5, aux_scale=0.08, T=5.0, beta=1.0, alpha=None, **common):
+    # ``alpha`` is aux_scale's name in the HOLD paper and in checkpoints written before the rename
+    # ("alpha" also named the network output); it is read, never written.
+    if alpha is not None:
+        if aux_scale != 0.08 and aux_scale != alpha:
+            raise ValueError("hold: give aux_scale or its old name alpha, not both")
+        aux_scale = alpha
     if int(order) != order or order < 1:
         raise ValueError(f"hold needs an integer order >= 1, got {order}")
     order = int(order)
@@ -441,11 +447,12 @@ def _hold(order=3, couplings=None, xi=None, L_inv=0.5, alpha=0.08, T=5.0, beta=1
         raise ValueError(f"hold couplings and xi must be positive, got {couplings}, xi={xi}")
     if L_inv <= 0:
         raise ValueError(f"hold needs L_inv (stationary variance) > 0, got {L_inv}")
-    if alpha < 0:
-        raise ValueError(f"hold needs alpha (auxiliary start variance factor) >= 0, got {alpha}")
-    params = dict(order=order, couplings=couplings, xi=float(xi), L_inv=L_inv, alpha=alpha, T=T, beta=beta)
+    if aux_scale < 0:
+        raise ValueError(f"hold needs aux_scale (the auxiliary start variance factor; alpha in older "
+                         f"checkpoints) >= 0, got {aux_scale}")
+    params = dict(order=order, couplings=couplings, xi=float(xi), L_inv=L_inv, aux_scale=aux_scale, T=T, beta=beta)
     return LinearSDE(
-        hold_drift(couplings, xi), math.sqrt(2.0 * xi * L_inv), aux_var=[alpha * L_inv] * (order - 1),
+        hold_drift(couplings, xi), math.sqrt(2.0 * xi * L_inv), aux_var=[aux_scale * L_inv] * (order - 1),
         T=T, beta0=beta, beta1=0.0, name="hold", params={**params, **common}, **common,
     )
 
@@ -458,7 +465,7 @@ def get_sde(name: str, **overrides) -> LinearSDE:
     """Build a preset SDE: "vp" (order 1), "cld" (order 2) or "hold" (order n, default 3).
 
     Overrides: vp(beta_min, beta_max, T); cld(beta, m_inv, friction, gamma_v, T);
-    hold(order, couplings, xi, L_inv, alpha, T, beta); and for all: eps_sample, eps_loss,
+    hold(order, couplings, xi, L_inv, aux_scale (old name: alpha), T, beta); and for all: eps_sample, eps_loss,
     numerical_eps, mixed_data_var.
     """
     key = str(name).lower()

@@ -95,3 +95,19 @@ def test_doctor_reports_blas_and_datasets():
         isa, why = native_module.choose_variant()
         variant = next(line for line in out.splitlines() if line.startswith("native variant"))
         assert variant.split()[2] == isa and why in variant, variant
+
+
+def test_train_options_are_the_train_config():
+    """Every `train` option but the SDE/network overrides is a TrainConfig field with its default:
+    the CLI derives them instead of repeating the library."""
+    from dataclasses import fields
+
+    from hold_mlx.cli import train
+    from hold_mlx.trainloop import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for param in train.params:
+        if param.name in ("out", "order", "sde_param", "net_param"):
+            continue
+        assert param.name in defaults, param.name
+        assert param.default == defaults[param.name], param.name

@@ -217,7 +217,7 @@ def test_data_nll_bound_is_exact_in_expectation(name, d):
 
 
 def test_aux_entropy_per_block():
-    sde = get_sde("hold", order=3, L_inv=0.5, alpha=0.08)
+    sde = get_sde("hold", order=3, L_inv=0.5, aux_scale=0.08)
     v = 0.04
     assert aux_entropy(sde, 5) == pytest.approx(2 * 2.5 * (1 + math.log(2 * math.pi * v)))
     assert aux_entropy(get_sde("vp"), 5) == 0.0

@@ -29,7 +29,7 @@ def test_score_is_the_network_output_through_the_kernel(model):
     u = rng.standard_normal((4, 2 * n)).astype(np.float32)
     t = np.array([1e-3, 0.1, 0.5, 1.0])
     alpha = np.array(model.alpha(mx.array(u), mx.array(t.astype(np.float32))))
-    ell, mixed_var = sde.kernel(t).ell, sde.mixed_score_var(t)
+    ell, mixed_var = sde.perturbation(t).ell, sde.mixed_score_var(t)
     expected = -alpha / ell[:, None] - u[:, -2:] / mixed_var[:, None]
     got = np.array(model(mx.array(u), mx.array(t.astype(np.float32))))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -677,3 +677,15 @@ def test_sliced_wasserstein_against_direct_formula():
     a, b = rng.standard_normal((50, 1)), rng.standard_normal((50, 1)) * 2
     assert sliced_wasserstein(a, b, projections=3) == pytest.approx(
         np.sqrt(np.mean((np.sort(a[:, 0]) - np.sort(b[:, 0])) ** 2)), rel=1e-12)
+
+
+def test_non_finite_scores_are_reported():
+    """A score function that returns NaN gives NaN samples and a RuntimeWarning, not silence."""
+    sde = get_sde("vp")
+
+    def nan_score(u, t):
+        return np.full(u.shape, np.nan, np.float32)
+
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        x = sample_full(sde, nan_score, (2, 3), steps=2, backend="numpy").x
+    assert np.isnan(x).all()

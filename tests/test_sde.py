@@ -186,7 +186,7 @@ def test_kernel_matches_moment_ode(name, order):
     np.testing.assert_allclose(sde.cov(1e-12), np.diag([0.0, *ref["aux"]]), rtol=0, atol=1e-10)
     np.testing.assert_allclose(sde.mean_coeff(0.0), np.eye(order), rtol=0, atol=0)
     # the kernel object carries the same numbers plus a jittered Cholesky factor
-    k = sde.kernel(times)
+    k = sde.perturbation(times)
     np.testing.assert_allclose(k.mean_coeff, A_ref, rtol=0, atol=1e-9)
     np.testing.assert_allclose(k.cov, S_ref, rtol=0, atol=1e-9)
     jittered = S + sde.numerical_eps * np.eye(order)
@@ -286,7 +286,7 @@ def test_cld_matches_cld_sgm_closed_form(params):
     mean = sde.mean_coeff(times) @ np.array([x, v])
     np.testing.assert_allclose(mean[:, 0], mx, rtol=0, atol=1e-12)
     np.testing.assert_allclose(mean[:, 1], mv, rtol=0, atol=1e-12)
-    # sde.cov is the exact covariance; CLD-SGM adds numerical_eps to the diagonal, like kernel().chol
+    # sde.cov is the exact covariance; CLD-SGM adds numerical_eps to the diagonal, like perturbation().chol
     eps = sde.numerical_eps
     assert eps == 1e-9
     S = sde.cov(times)
@@ -294,7 +294,7 @@ def test_cld_matches_cld_sgm_closed_form(params):
     np.testing.assert_allclose(S[:, 0, 1], vxv, rtol=0, atol=1e-12)
     np.testing.assert_allclose(S[:, 1, 0], vxv, rtol=0, atol=1e-12)
     np.testing.assert_allclose(S[:, 1, 1], vvv - eps, rtol=0, atol=1e-12)
-    k = sde.kernel(times)
+    k = sde.perturbation(times)
     LLt = k.chol @ np.swapaxes(k.chol, -1, -2)
     np.testing.assert_allclose(LLt[:, 0, 0], vxx, rtol=0, atol=1e-12)
     np.testing.assert_allclose(LLt[:, 1, 1], vvv, rtol=0, atol=1e-12)
@@ -580,7 +580,7 @@ def test_psd_sqrt_singular():
 # ----------------------------------------------------------------------------- config round trip
 
 
-@pytest.mark.parametrize("name,kw", [("vp", {}), ("cld", dict(m_inv=2.0)), ("hold", dict(order=4, alpha=0.1))])
+@pytest.mark.parametrize("name,kw", [("vp", {}), ("cld", dict(m_inv=2.0)), ("hold", dict(order=4, aux_scale=0.1))])
 def test_to_config_round_trip(name, kw):
     sde = get_sde(name, **kw)
     cfg = sde.to_config()
@@ -606,6 +606,7 @@ def test_to_config_round_trip(name, kw):
         (lambda: LinearSDE([[-1.0, 1.0], [-1.0, -1.0]], 1.0, aux_var=[-0.1]), r"aux_var"),
         (lambda: LinearSDE([[-1.0]], -1.0), r"sigma"),
         (lambda: get_sde("hold", xi=-1.0), r"xi"),
+        (lambda: get_sde("hold", aux_scale=-0.1), r"aux_scale"),
         (lambda: get_sde("hold", alpha=-0.1), r"alpha"),
         (lambda: get_sde("cld", gamma_v=-0.5), r"gamma_v"),
         (lambda: get_sde("cld", friction=-1.0), r"friction"),
@@ -639,7 +640,7 @@ def test_import_does_not_pull_mlx_or_torch():
         "import sys\n"
         "import hold_mlx.sde\n"
         "from hold_mlx import get_sde\n"
-        "get_sde('hold').kernel([0.5])\n"
+        "get_sde('hold').perturbation([0.5])\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'torch', 'scipy'))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
@@ -648,3 +649,13 @@ def test_import_does_not_pull_mlx_or_torch():
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_hold_reads_the_old_name_of_aux_scale():
+    """Checkpoints written before the rename store HOLD's auxiliary start variance factor as
+    "alpha"; they build the same SDE, which writes the new name back."""
+    old, new = get_sde("hold", order=3, alpha=0.1), get_sde("hold", order=3, aux_scale=0.1)
+    np.testing.assert_array_equal(old.aux_var, new.aux_var)
+    assert old.to_config() == new.to_config() and "alpha" not in new.to_config()
+    with pytest.raises(ValueError, match="not both"):
+        get_sde("hold", alpha=0.1, aux_scale=0.2)
