@@ -86,21 +86,11 @@ except ImportError as err:  # pragma: no cover - depends on the installation
     ) from err
 
 
+from .machine import cpu_count, max_threads  # noqa: E402
+
+
 def _on_cpu() -> bool:
     return sys.platform != "darwin" and mx.default_device() == mx.cpu
-
-
-def cpu_count() -> int:
-    """Cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _max_threads() -> int:
-    """More threads than 4x the cores (at least 64) only add overhead; many more exhaust memory."""
-    return max(64, 4 * cpu_count())
 
 
 def _env_int(name: str, default: int, high: int = 1 << 20) -> int:
@@ -201,10 +191,10 @@ def configure_cpu(threads: int | None = None) -> None:
     global _CONFIGURED
     if not _on_cpu():
         return
-    streams = int(threads) if threads else _env_int("HOLD_MLX_THREADS", cpu_count(), high=_max_threads())
+    streams = int(threads) if threads else _env_int("HOLD_MLX_THREADS", cpu_count(), high=max_threads())
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     cache_mb = _env_int("HOLD_MLX_CACHE_MB", min(4096, total_mb // 4), high=total_mb)
-    blas_threads = _env_int("HOLD_MLX_BLAS_THREADS", 1 if streams > 1 else cpu_count(), high=_max_threads())
+    blas_threads = _env_int("HOLD_MLX_BLAS_THREADS", 1 if streams > 1 else cpu_count(), high=max_threads())
     settings = (streams, cache_mb, blas_threads)
     if settings == _CONFIGURED:
         return

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import __version__
 
+from .machine import cpu_count, max_threads
 from .parameterisation import WEIGHTINGS
 from .samplers import ALIASES, GRIDS, SAMPLERS
 from .sde import SDE_NAMES
@@ -69,20 +70,11 @@ def friendly_errors(fn):
 MAX_SAMPLE_STEPS = 100_000
 
 
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _max_threads() -> int:
-    return max(64, 4 * _cpu_count())
 
 
 def _check_threads(ctx, param, value):
-    if value is not None and value > _max_threads():
-        raise click.BadParameter(f"at most {_max_threads()} (4x the {_cpu_count()} cores, at least 64): more "
+    if value is not None and value > max_threads():
+        raise click.BadParameter(f"at most {max_threads()} (4x the {cpu_count()} cores, at least 64): more "
                                  "threads than cores only add overhead", ctx=ctx, param=param)
     return value
 
@@ -96,7 +88,8 @@ def _positive_finite(ctx, param, value):
 def _check_sample_memory(model, num: int, batch_size: int) -> None:
     """Refuse --n / --batch-size that cannot fit in memory, before sampling starts."""
     from .netconfig import NetConfig
-    from .trainloop import estimate_train_bytes, physical_memory_bytes
+    from .machine import physical_memory_bytes
+    from .trainloop import estimate_train_bytes
 
     have = physical_memory_bytes()
     size = int(np.prod(model.data_shape))

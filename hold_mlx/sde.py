@@ -499,18 +499,8 @@ def accurate_cov(sde: LinearSDE, t) -> np.ndarray:
     which keeps the data block's tiny variance to full relative precision.
     """
     times, scalar = _as_times(t)
-    n = sde.order
-    dB = sde.B(times)[:, None, None]
-    block = np.zeros((len(times), 2 * n, 2 * n))
-    block[:, :n, :n] = -sde.F * dB
-    block[:, :n, n:] = np.outer(sde.G, sde.G) * dB
-    block[:, n:, n:] = sde.F.T * dB
-    E = expm(block)
-    a = np.swapaxes(E[:, n:, n:], -1, -2)
+    a, W = sde.forward_transition(times)
     at = np.swapaxes(a, -1, -2)
-    S = sde.stationary_cov()
-    early = (np.abs(sde.F).sum(0).max() * dB[:, 0, 0] < 1.0)[:, None, None]
-    W = np.where(early, a @ E[:, :n, n:], S - a @ S @ at)
     c = a @ sde.initial_cov @ at + W
     c = 0.5 * (c + np.swapaxes(c, -1, -2))
     return c[0] if scalar else c

@@ -29,6 +29,7 @@ from .checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, append_line, a
                          make_config, read_config, read_tensors, resolve_model_file, validate_net_params,
                          validate_sde_params, write_tensors)
 from .data import Dataset, load_dataset
+from .machine import physical_memory_bytes
 from .netconfig import NetConfig, net_preset
 from .parameterisation import Coefficients, objective_coefficients, sample_times
 from .sde import LinearSDE, get_sde
@@ -159,13 +160,6 @@ def estimate_train_bytes(net_cfg: NetConfig, data_shape, batch_size: int, *, tra
             res = max(1.0, res / 2)
     per_param = 5 if training else 1  # raw, EMA, gradient and two Adam moments
     return 4.0 * (params * per_param + activations)
-
-
-def physical_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        return 64 * 2**30
 
 
 @dataclass

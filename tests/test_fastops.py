@@ -93,6 +93,27 @@ def test_group_norm_matches_stock_with_gradients(channels, groups, act, path, mo
         assert mx.abs(a - r).max().item() < 1e-4 * max(1.0, mx.abs(r).max().item())
 
 
+def assert_conv_and_gradients_match(fast, conv, shape, out_ch):
+    """fast(x, w, b) against conv(x, w) + b on random inputs: outputs to 1e-5 and the gradients in
+    x, w and b to 1e-4, relative to the largest value."""
+    x = mx.random.normal(shape)
+    w = 0.3 * mx.random.normal((out_ch, 3, 3, shape[-1]))
+    b = mx.random.normal((out_ch,))
+
+    def stock(x, w, b):
+        return conv(x, w) + b
+
+    got, want = fast(x, w, b), stock(x, w, b)
+    assert got.shape == want.shape
+    assert mx.abs(got - want).max().item() < 1e-5 * max(1.0, mx.abs(want).max().item())
+    probe = mx.random.normal(want.shape)
+    g_fast = mx.grad(lambda *a: (fast(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
+    g_ref = mx.grad(lambda *a: (stock(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
+    for name, a, r in zip(("dx", "dw", "db"), g_fast, g_ref):
+        assert a.shape == r.shape, name
+        assert mx.abs(a - r).max().item() < 1e-4 * max(1.0, mx.abs(r).max().item()), name
+
+
 CONV_CASES = [((3, 9, 11, 5), 7), ((2, 8, 8, 16), 16), ((1, 28, 28, 3), 4), ((2, 7, 31, 6), 40),
               ((2, 5, 16, 24), 33), ((1, 4, 4, 8), 64), ((2, 6, 15, 17), 48)]
 
@@ -102,21 +123,7 @@ CONV_CASES = [((3, 9, 11, 5), 7), ((2, 8, 8, 16), 16), ((1, 28, 28, 3), 4), ((2,
 def test_conv3x3_matches_mlx_conv_with_gradients(shape, out_ch, path, monkeypatch):
     _pick_path(path, monkeypatch)
     mx.random.seed(sum(shape))
-    x = mx.random.normal(shape)
-    w = 0.3 * mx.random.normal((out_ch, 3, 3, shape[-1]))
-    b = mx.random.normal((out_ch,))
-
-    def stock(x, w, b):
-        return mx.conv2d(x, w, padding=1) + b
-
-    got, want = fastops.conv3x3(x, w, b), stock(x, w, b)
-    assert got.shape == want.shape
-    assert mx.abs(got - want).max().item() < 1e-5 * max(1.0, mx.abs(want).max().item())
-    probe = mx.random.normal(want.shape)
-    g_fast = mx.grad(lambda *a: (fastops.conv3x3(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
-    g_ref = mx.grad(lambda *a: (stock(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
-    for a, r in zip(g_fast, g_ref):
-        assert mx.abs(a - r).max().item() < 1e-4 * max(1.0, mx.abs(r).max().item())
+    assert_conv_and_gradients_match(fastops.conv3x3, lambda x, w: mx.conv2d(x, w, padding=1), shape, out_ch)
 
 
 @pytest.mark.parametrize("shape,out_ch", [((3, 8, 10, 5), 7), ((2, 28, 28, 16), 16), ((1, 14, 14, 64), 64),
@@ -124,22 +131,8 @@ def test_conv3x3_matches_mlx_conv_with_gradients(shape, out_ch, path, monkeypatc
 def test_conv3x3_stride2_matches_mlx_conv_with_gradients(shape, out_ch):
     """The written-out gradient of the stride-2 convolution against MLX's autodiff (odd sizes: MLX's own)."""
     mx.random.seed(sum(shape) + 1)
-    x = mx.random.normal(shape)
-    w = 0.3 * mx.random.normal((out_ch, 3, 3, shape[-1]))
-    b = mx.random.normal((out_ch,))
-
-    def stock(x, w, b):
-        return mx.conv2d(x, w, stride=2, padding=1) + b
-
-    got, want = fastops.conv3x3_stride2(x, w, b), stock(x, w, b)
-    assert got.shape == want.shape
-    assert mx.abs(got - want).max().item() < 1e-5 * max(1.0, mx.abs(want).max().item())
-    probe = mx.random.normal(want.shape)
-    g_fast = mx.grad(lambda *a: (fastops.conv3x3_stride2(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
-    g_ref = mx.grad(lambda *a: (stock(*a) * probe).sum(), argnums=(0, 1, 2))(x, w, b)
-    for name, a, r in zip(("dx", "dw", "db"), g_fast, g_ref):
-        assert a.shape == r.shape, name
-        assert mx.abs(a - r).max().item() < 1e-4 * max(1.0, mx.abs(r).max().item()), name
+    assert_conv_and_gradients_match(fastops.conv3x3_stride2, lambda x, w: mx.conv2d(x, w, stride=2, padding=1),
+                                    shape, out_ch)
 
 
 def test_switch_follows_environment(monkeypatch):

@@ -8,6 +8,7 @@ variables run it in a subprocess, as a user would.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -154,17 +155,23 @@ def test_second_trainer_on_a_folder_is_refused_and_a_killed_lock_is_not_stale(tm
 # ----------------------------------------------------------------------------- 3. atomic writes
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs (root only); skipped where it cannot be mounted."""
-    mount = tmp_path / "disk"
+@contextlib.contextmanager
+def _tmpfs(mount: Path, options: str):
+    """A 1 MiB tmpfs at ``mount`` (root only); the test is skipped where it cannot be mounted."""
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=1m{options}", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    with _tmpfs(tmp_path / "disk", "") as mount:
+        yield mount
 
 
 def _fill(folder: Path) -> None:
@@ -261,18 +268,12 @@ def test_symlinked_log_is_refused_before_training(tmp_path):
 
 
 def test_read_only_run_folder_is_found_before_training(tmp_path):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    try:
+    with _tmpfs(tmp_path / "ro", ",ro") as mount:
         start = time.time()
         result = cli("train", "--dataset", "8gaussians", "--out", mount, "--steps", "100000", "--batch-size", "8",
                      "--no-compile")
         assert_clean_error(result, str(mount), "not writable")
         assert time.time() - start < 20
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 # ----------------------------------------------------------------------------- 4. corrupt / non-finite weights
@@ -689,42 +690,32 @@ def test_many_kills_during_training(tmp_path):
     assert read_tensors(run / "model.safetensors")[1]["step"] <= config["step"]
 
 
-def _kill_during_writes(command: list, out: Path, kills: int, rng, check) -> int:
-    """Start a command that rewrites ``out``, kill -9 it at random times: ``out`` is always the
-    old file or a complete new one."""
+def _kill_during_writes(args: list, out: Path, kills: int, seed: int, check) -> None:
+    """Write ``out`` with ``hold-mlx ARGS`` once, then start the same command again and kill -9 it
+    at random times: ``out`` is always the old file or a complete new one (``check(out)``)."""
+    run_cli(*args)
+    command = [*HOLD, *map(str, args)]
+    rng = np.random.default_rng(seed)
     for _ in range(kills):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
         time.sleep(float(rng.uniform(0.5, 3.0)))
         proc.kill()
         proc.wait()
         check(out)
-    return kills
 
 
 def test_kill_9_during_sample_write(tmp_path, tiny_points_run):
     out = tmp_path / "s.npz"
-    assert cli("sample", "--checkpoint", tiny_points_run, "--n", "500", "--steps", "3", "--out", out).exit_code == 0
-
-    def check(path):
-        assert np.load(path)["samples"].shape == (500, 2)
-
-    command = [*HOLD, "sample", "--checkpoint", str(tiny_points_run), "--n", "500", "--steps", "3", "--out", str(out)]
-    _kill_during_writes(command, out, 2, np.random.default_rng(0), check)
+    _kill_during_writes(["sample", "--checkpoint", tiny_points_run, "--n", "500", "--steps", "3", "--out", out], out,
+                        2, 0, lambda path: np.testing.assert_equal(np.load(path)["samples"].shape, (500, 2)))
 
 
 @pytest.mark.slow
 def test_kill_9_during_export_write(tmp_path, tiny_run):
+    onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     out = tmp_path / "m.onnx"
-    run_cli("export", "--checkpoint", tiny_run, "--out", out)
-
-    def check(path):
-        import onnx
-
-        onnx.load(str(path))
-
-    command = [*HOLD, "export", "--checkpoint", str(tiny_run), "--out", str(out)]
-    _kill_during_writes(command, out, 4, np.random.default_rng(2), check)
+    _kill_during_writes(["export", "--checkpoint", tiny_run, "--out", out], out, 4, 2, lambda path: onnx.load(str(path)))
 
 
 @pytest.mark.slow

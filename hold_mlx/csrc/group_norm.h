@@ -77,31 +77,38 @@ inline void group_stats(const float* __restrict xn, int P, int C, int groups, fl
   }
 }
 
-// x, out (B, P, C) with P pixels; gamma, beta (C).
-inline void group_norm(const float* x, const float* gamma, const float* beta, float* out, int B, int P, int C,
-                       int groups, float eps, bool act) {
-  thread_local std::vector<float> scratch;
-  scratch.resize(std::size_t(5) * C);
-  float* sums = scratch.data();
-  float* means = sums + C;
-  float* rstds = means + C;
-  float* scale = rstds + C;
-  float* shift = scale + C;
-  for (int n = 0; n < B; ++n) {
-    const float* xn = x + std::size_t(n) * P * C;
-    float* on = out + std::size_t(n) * P * C;
+// The per-channel arrays of one image (C floats each, carved from 5 C floats of scratch): its group
+// statistics (group_stats) folded with gamma and beta into y = x scale + shift.
+struct ImageAffine {
+  float *sums, *means, *rstds, *scale, *shift;
+  ImageAffine(float* base, int C)
+      : sums(base), means(base + C), rstds(base + 2 * C), scale(base + 3 * C), shift(base + 4 * C) {}
+  void compute(const float* xn, const float* gamma, const float* beta, int P, int C, int groups, float eps) {
     group_stats(xn, P, C, groups, eps, sums, means, rstds);
     for (int c = 0; c < C; ++c) {
       scale[c] = gamma[c] * rstds[c];
       shift[c] = beta[c] - means[c] * scale[c];
     }
+  }
+};
+
+// x, out (B, P, C) with P pixels; gamma, beta (C).
+inline void group_norm(const float* x, const float* gamma, const float* beta, float* out, int B, int P, int C,
+                       int groups, float eps, bool act) {
+  thread_local std::vector<float> scratch;
+  scratch.resize(std::size_t(5) * C);
+  ImageAffine a(scratch.data(), C);
+  for (int n = 0; n < B; ++n) {
+    const float* xn = x + std::size_t(n) * P * C;
+    float* on = out + std::size_t(n) * P * C;
+    a.compute(xn, gamma, beta, P, C, groups, eps);
     // Pass 3: normalise, affine map, SiLU.
     for (int p = 0; p < P; ++p) {
       const float* xp = xn + std::size_t(p) * C;
       float* op = on + std::size_t(p) * C;
       for_lanes(C, [&](auto t, int c) {
         using T = decltype(t);
-        const T y = ld<T>(xp + c) * ld<T>(scale + c) + ld<T>(shift + c);
+        const T y = ld<T>(xp + c) * ld<T>(a.scale + c) + ld<T>(a.shift + c);
         st<T>(op + c, act ? silu(y) : y);
       });
     }
@@ -123,12 +130,8 @@ inline void group_norm_backward(const float* x, const float* gamma, const float*
   thread_local std::vector<double> totals;
   scratch.resize(std::size_t(9) * C);
   totals.assign(std::size_t(2) * C, 0.0);
-  float* sums = scratch.data();
-  float* means = sums + C;
-  float* rstds = means + C;
-  float* scale = rstds + C;
-  float* shift = scale + C;
-  float* sum_dy = shift + C;
+  ImageAffine a(scratch.data(), C);
+  float* sum_dy = a.shift + C;
   float* sum_dy_xhat = sum_dy + C;
   float* slope = sum_dy_xhat + C;
   float* offset = slope + C;
@@ -136,10 +139,8 @@ inline void group_norm_backward(const float* x, const float* gamma, const float*
     const float* xn = x + std::size_t(n) * P * C;
     const float* dzn = dz + std::size_t(n) * P * C;
     float* dxn = dx + std::size_t(n) * P * C;
-    group_stats(xn, P, C, groups, eps, sums, means, rstds);
+    a.compute(xn, gamma, beta, P, C, groups, eps);
     for (int c = 0; c < C; ++c) {
-      scale[c] = gamma[c] * rstds[c];
-      shift[c] = beta[c] - means[c] * scale[c];
       sum_dy[c] = 0.f;
       sum_dy_xhat[c] = 0.f;
     }
@@ -151,10 +152,10 @@ inline void group_norm_backward(const float* x, const float* gamma, const float*
       for_lanes(C, [&](auto t, int c) {
         using T = decltype(t);
         const T xv = ld<T>(xp + c), dzv = ld<T>(dzp + c);
-        const T dy = act ? dzv * silu_grad(xv * ld<T>(scale + c) + ld<T>(shift + c)) : dzv;
+        const T dy = act ? dzv * silu_grad(xv * ld<T>(a.scale + c) + ld<T>(a.shift + c)) : dzv;
         st<T>(dyp + c, dy);
         st<T>(sum_dy + c, ld<T>(sum_dy + c) + dy);
-        st<T>(sum_dy_xhat + c, ld<T>(sum_dy_xhat + c) + dy * (xv - ld<T>(means + c)));
+        st<T>(sum_dy_xhat + c, ld<T>(sum_dy_xhat + c) + dy * (xv - ld<T>(a.means + c)));
       });
     }
     // dx = gamma rstd dy + slope x + offset per channel: slope = -rstd^2 S2 / N,
@@ -162,14 +163,14 @@ inline void group_norm_backward(const float* x, const float* gamma, const float*
     for (int g = 0; g < groups; ++g) {
       double s1 = 0, s2 = 0;
       for (int c = g * per_group; c < (g + 1) * per_group; ++c) {
-        sum_dy_xhat[c] *= rstds[c];
+        sum_dy_xhat[c] *= a.rstds[c];
         s1 += double(gamma[c]) * sum_dy[c];
         s2 += double(gamma[c]) * sum_dy_xhat[c];
       }
       for (int c = g * per_group; c < (g + 1) * per_group; ++c) {
-        const double r = rstds[c];
+        const double r = a.rstds[c];
         slope[c] = float(-r * r * s2 / count);
-        offset[c] = float(-r * (s1 - r * double(means[c]) * s2) / count);
+        offset[c] = float(-r * (s1 - r * double(a.means[c]) * s2) / count);
       }
     }
     for (int c = 0; c < C; ++c) {
@@ -182,7 +183,7 @@ inline void group_norm_backward(const float* x, const float* gamma, const float*
       float* dxp = dxn + std::size_t(p) * C;
       for_lanes(C, [&](auto t, int c) {
         using T = decltype(t);
-        st<T>(dxp + c, ld<T>(scale + c) * ld<T>(dxp + c) + ld<T>(slope + c) * ld<T>(xp + c) + ld<T>(offset + c));
+        st<T>(dxp + c, ld<T>(a.scale + c) * ld<T>(dxp + c) + ld<T>(slope + c) * ld<T>(xp + c) + ld<T>(offset + c));
       });
     }
   }

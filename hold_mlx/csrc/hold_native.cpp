@@ -14,6 +14,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <typeinfo>
 #include <tuple>
 
 #include "conv3x3.h"
@@ -106,10 +107,26 @@ class Conv3x3WeightGrad : public CpuPrimitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-class GroupNorm : public CpuPrimitive {
+// GroupNorm's forward and backward primitives share their settings and what makes two equal.
+class GroupNormPrimitive : public CpuPrimitive {
  public:
-  GroupNorm(mx::Stream stream, int groups, float eps, bool act)
+  GroupNormPrimitive(mx::Stream stream, int groups, float eps, bool act)
       : CpuPrimitive(stream), groups_(groups), eps_(eps), act_(act) {}
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto* o = dynamic_cast<const GroupNormPrimitive*>(&other);
+    return o && typeid(*this) == typeid(other) && groups_ == o->groups_ && eps_ == o->eps_ && act_ == o->act_;
+  }
+
+ protected:
+  int groups_;
+  float eps_;
+  bool act_;
+};
+
+class GroupNorm : public GroupNormPrimitive {
+ public:
+  using GroupNormPrimitive::GroupNormPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     run_on_stream(stream(), inputs, outputs[0],
@@ -124,21 +141,11 @@ class GroupNorm : public CpuPrimitive {
   }
 
   const char* name() const override { return "HoldGroupNorm"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const GroupNorm&>(other);
-    return groups_ == o.groups_ && eps_ == o.eps_ && act_ == o.act_;
-  }
-
- private:
-  int groups_;
-  float eps_;
-  bool act_;
 };
 
-class GroupNormBackward : public CpuPrimitive {
+class GroupNormBackward : public GroupNormPrimitive {
  public:
-  GroupNormBackward(mx::Stream stream, int groups, float eps, bool act)
-      : CpuPrimitive(stream), groups_(groups), eps_(eps), act_(act) {}
+  using GroupNormPrimitive::GroupNormPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     run_on_stream_multi(stream(), inputs, outputs,
@@ -161,15 +168,6 @@ class GroupNormBackward : public CpuPrimitive {
   }
 
   const char* name() const override { return "HoldGroupNormBackward"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const GroupNormBackward&>(other);
-    return groups_ == o.groups_ && eps_ == o.eps_ && act_ == o.act_;
-  }
-
- private:
-  int groups_;
-  float eps_;
-  bool act_;
 };
 
 std::string shape_str(const mx::array& a) {
