@@ -75,37 +75,39 @@ class CpuPrimitive : public mx::Primitive {
   }
 };
 
-class Conv3x3 : public CpuPrimitive {
+// A CPU primitive without settings: Body::run(inputs, output) on the stream; Body::name names it.
+template <class Body>
+class StatelessPrimitive : public CpuPrimitive {
  public:
   using CpuPrimitive::CpuPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    run_on_stream(stream(), inputs, outputs[0], [](std::vector<mx::array>& in, mx::array& out) {
-      const auto& x = in[0];
-      hold_native::conv3x3(x.data<float>(), in[1].data<float>(), in[2].data<float>(), out.data<float>(), x.shape(0),
-                           x.shape(1), x.shape(2), x.shape(3), in[1].shape(0));
-    });
+    run_on_stream(stream(), inputs, outputs[0], Body::run);
   }
 
-  const char* name() const override { return "HoldConv3x3"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  const char* name() const override { return Body::name; }
+  bool is_equivalent(const mx::Primitive& other) const override { return typeid(*this) == typeid(other); }
 };
 
-class Conv3x3WeightGrad : public CpuPrimitive {
- public:
-  using CpuPrimitive::CpuPrimitive;
-
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    run_on_stream(stream(), inputs, outputs[0], [](std::vector<mx::array>& in, mx::array& out) {
-      const auto& x = in[0];
-      hold_native::conv3x3_weight_grad(x.data<float>(), in[1].data<float>(), out.data<float>(), x.shape(0),
-                                       x.shape(1), x.shape(2), x.shape(3), in[1].shape(3));
-    });
+struct Conv3x3Body {
+  static constexpr const char* name = "HoldConv3x3";
+  static void run(std::vector<mx::array>& in, mx::array& out) {
+    const auto& x = in[0];
+    hold_native::conv3x3(x.data<float>(), in[1].data<float>(), in[2].data<float>(), out.data<float>(), x.shape(0),
+                         x.shape(1), x.shape(2), x.shape(3), in[1].shape(0));
   }
-
-  const char* name() const override { return "HoldConv3x3WeightGrad"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
+using Conv3x3 = StatelessPrimitive<Conv3x3Body>;
+
+struct Conv3x3WeightGradBody {
+  static constexpr const char* name = "HoldConv3x3WeightGrad";
+  static void run(std::vector<mx::array>& in, mx::array& out) {
+    const auto& x = in[0];
+    hold_native::conv3x3_weight_grad(x.data<float>(), in[1].data<float>(), out.data<float>(), x.shape(0),
+                                     x.shape(1), x.shape(2), x.shape(3), in[1].shape(3));
+  }
+};
+using Conv3x3WeightGrad = StatelessPrimitive<Conv3x3WeightGradBody>;
 
 // GroupNorm's forward and backward primitives share their settings and what makes two equal.
 class GroupNormPrimitive : public CpuPrimitive {
