@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Backend", "Ops", "NumpyBackend", "MLXBackend", "TorchBackend", "OnnxBackend", "BACKENDS",
+__all__ = ["Backend", "NumpyBackend", "MLXBackend", "TorchBackend", "OnnxBackend", "BACKENDS",
            "get_backend", "array_framework"]
 
 
@@ -108,9 +108,6 @@ class Backend:
         raise ValueError(f"the likelihood needs autodiff through the score network: use the mlx or torch "
                          f"backend, not {self.name}")
 
-
-#: The samplers' name for the array side of a backend.
-Ops = Backend
 
 
 def _model_file(path):

@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import Ops
+from .backends import Backend
 from .samplers import Context, ode_velocity, solve_rk45
 from .sde import LinearSDE
 
@@ -51,7 +51,7 @@ EXACT_MAX_DIM = 256  # the exact trace costs d network passes per right-hand sid
 # ----------------------------------------------------------------------------- autodiff adapters
 
 
-def score_probe(score_fn: Callable, ops: Ops, width: int) -> Callable:
+def score_probe(score_fn: Callable, ops: Backend, width: int) -> Callable:
     """(u, t, z) -> (s, q): the score s(u, t) and q = z.(ds/du_n) z per sample, shape (B,).
 
     ``width`` is the size of one block on the last axis; z is shaped like one block. The backend
@@ -70,7 +70,7 @@ class ODELikelihood:
     nfe: int  # right-hand-side calls (each one batched score + VJP)
 
 
-def log_likelihood(sde: LinearSDE, score_fn: Callable, u0, ops: Ops, *, probes=None, t0: float | None = None,
+def log_likelihood(sde: LinearSDE, score_fn: Callable, u0, ops: Backend, *, probes=None, t0: float | None = None,
                    rtol: float = 1e-5, atol: float = 1e-5, callback: Callable | None = None) -> ODELikelihood:
     """log p_t0(u0) of extended states u0 (B, ..., n*C) under the model's probability-flow ODE.
 
@@ -151,7 +151,7 @@ def bits_per_dim(nll_model, data_cfg: dict) -> np.ndarray:
     return (nll + _log_scale_sum(data_cfg) + d * math.log(256.0)) / (d * math.log(2.0))
 
 
-def data_nll(sde: LinearSDE, score_fn: Callable, x_model: np.ndarray, ops: Ops, rngs, *,
+def data_nll(sde: LinearSDE, score_fn: Callable, x_model: np.ndarray, ops: Backend, rngs, *,
              estimator: str = "hutchinson", **ode_options) -> tuple[np.ndarray, int]:
     """Per sample -log p(x, aux) - H[aux] (nats, model space) with aux and probes from ``rngs``.
 
@@ -192,7 +192,7 @@ class LikelihoodResult:
         return float(self.values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
 
 
-def evaluate_likelihood(sde: LinearSDE, score_fn: Callable, ops: Ops, data_user, data_cfg: dict, *,
+def evaluate_likelihood(sde: LinearSDE, score_fn: Callable, ops: Backend, data_user, data_cfg: dict, *,
                         seed: int = 0, first_index: int = 0, batch_size: int = 64, estimator: str = "hutchinson",
                         progress: Callable | None = None, **ode_options) -> LikelihoodResult:
     """NLL of data (user units: images in [0, 1], points as given) under a score model.

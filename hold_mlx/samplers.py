@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import Ops
+from .backends import Backend
 from .sde import LinearSDE, data_prediction_terms, gddim_steps, log_noise_scale
 
 __all__ = [
@@ -114,7 +114,7 @@ class Context:
 
     sde: LinearSDE
     score_fn: Callable
-    ops: Ops
+    ops: Backend
     noise: object
     batch: int
     callback: Callable | None = None
@@ -329,7 +329,7 @@ _DP_ERR = (
 )
 
 
-def solve_rk45(f, ys: list, t0: float, t1: float, ops: Ops, *, rtol=1e-5, atol=1e-5,
+def solve_rk45(f, ys: list, t0: float, t1: float, ops: Backend, *, rtol=1e-5, atol=1e-5,
                first_step: float | None = None, max_steps: int = 100_000, callback=None):
     """Adaptive Dormand-Prince integration of dy/dt = f(ys, t) from t0 to t1, per sample.
 
@@ -644,7 +644,7 @@ def prior_sample(ctx: Context, data_shape: tuple[int, ...]):
     return ctx.join(mix(ctx.sde.prior_factor, z))
 
 
-def run_sampler(sde: LinearSDE, score_fn: Callable, shape: tuple[int, ...], *, ops: Ops,
+def run_sampler(sde: LinearSDE, score_fn: Callable, shape: tuple[int, ...], *, ops: Backend,
                 noise, sampler: str = "lie-trotter", steps: int = 100, grid: str | None = None,
                 denoise_final: bool = True, callback: Callable | None = None, **options) -> SampleResult:
     """Draw len(noise) = shape[0] samples of data shape ``shape`` on the backend of ``ops``.
