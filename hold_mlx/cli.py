@@ -203,7 +203,7 @@ def class_labels(model, class_option: str | None, num: int) -> tuple[np.ndarray 
               help="Run folder, .safetensors file or (with --backend onnx) .onnx file. Default: the "
                    "Fashion-MNIST HOLD model shipped in weights/.")
 @click.option("--steps", type=click.IntRange(min=1, max=MAX_SAMPLE_STEPS), default=100, show_default=True,
-              help="Sampler steps (network calls: 1 per step for lie-trotter/strang/em, 2 for heun/exp-heun/ams, "
+              help="Sampler steps (network calls: 1 per step for lie-trotter/strang/em/gddim, 2 for heun/exp-heun/ams, "
                    "1 to 2 for poisson-midpoint; +1 for the final denoising step; rk45 ignores it).")
 @click.option("--sampler", type=click.Choice(SAMPLER_CHOICES, case_sensitive=False), default="lie-trotter",
               show_default=True, help="Reverse-time integrator (see README: Samplers).")
