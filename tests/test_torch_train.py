@@ -64,8 +64,9 @@ def test_resume_repeats_the_uninterrupted_run_bitwise(tmp_path, digits):
 
 @pytest.mark.slow
 def test_kill_and_resume_repeats_the_uninterrupted_run_bitwise(tmp_path, digits):
-    """SIGKILL a `hold-mlx train` process mid-run, resume it, and compare with an uninterrupted run."""
-    steps = 16
+    """SIGKILL a `hold-mlx train` process mid-run, resume it, and compare with an uninterrupted run.
+    (64 steps: with 16 a fast machine finished the run between two polls, before the kill.)"""
+    steps = 64
     args = [sys.executable, "-m", "hold_mlx.cli", "train", "--backend", "torch", "--dataset", "digits",
             "--net", "tiny", "--net-param", "dropout=0.1", "--batch-size", "8", "--lr", "2e-3", "--warmup", "2",
             "--save-every", "1", "--no-compile", "--steps", str(steps), "--sample-steps", "1"]
