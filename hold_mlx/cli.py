@@ -111,7 +111,9 @@ def _check_sample_memory(model, num: int, batch_size: int) -> None:
 
 
 def _check_finite_samples(samples: np.ndarray, checkpoint) -> None:
-    bad = int((~np.isfinite(samples.reshape(len(samples), -1))).any(axis=1).sum())
+    from .evaluate import non_finite_rows
+
+    bad = non_finite_rows(samples)
     if bad:
         raise click.ClickException(f"{bad} of {len(samples)} samples are NaN or Inf (checkpoint "
                                    f"{checkpoint or 'shipped'}); nothing was written: try more --steps or another "

@@ -13,6 +13,11 @@ from typing import Callable
 import numpy as np
 
 
+def non_finite_rows(samples: np.ndarray) -> int:
+    """How many samples hold a NaN or Inf anywhere."""
+    return int((~np.isfinite(samples.reshape(len(samples), -1))).any(axis=1).sum())
+
+
 def held_out_data(data_cfg: dict, n: int, *, dataset: str | None = None, data_dir: str | None = None
                   ) -> tuple[np.ndarray, str]:
     """The first n test examples of the model's dataset (or ``dataset``), in user units, and their name."""
@@ -107,7 +112,7 @@ def quality_report(model, *, n_samples: int = 1000, sampler: str = "lie-trotter"
         grid = grid or getattr(resolve_sampler(sampler)[1], "default_grid", "uniform")
         options = {"sampler": sampler, "steps": steps, "grid": grid, **sampler_options}
         drawn = model.sample(n_samples, batch_size=batch_size, seed=seed, callback=progress, **options)
-        bad = int((~np.isfinite(drawn.x.reshape(len(drawn.x), -1))).any(axis=1).sum())
+        bad = non_finite_rows(drawn.x)
         if bad:
             raise FloatingPointError(f"{bad} of {len(drawn.x)} samples are NaN or Inf; nothing was scored: try more "
                                      "steps or another sampler, or retrain the model with a lower learning rate")
