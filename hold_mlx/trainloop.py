@@ -118,12 +118,13 @@ class TrainConfig:
 #: Settings a resumed run may change: the budget, the cadence of saves and previews, how the same
 #: computation is executed (where the data lives, the backend and its speed options), and the
 #: optimizer's knobs, so a diverged run can resume from its last good checkpoint with a lower
-#: learning rate (a change is recorded in log.jsonl).
+#: learning rate, and the EMA decay, which weighs only the steps still to come (a change is
+#: recorded in log.jsonl).
 RESUMABLE_CHANGES = frozenset({"steps", "save_every", "sample_every", "sample_steps", "data_dir", "compile",
                                "backend", "device", "amp", "channels_last", "lr", "warmup", "grad_clip",
-                               "weight_decay"})
+                               "weight_decay", "ema_decay"})
 #: Of those, the ones that change the trained weights: logged when they change.
-_LOGGED_CHANGES = ("lr", "warmup", "grad_clip", "weight_decay")
+_LOGGED_CHANGES = ("lr", "warmup", "grad_clip", "weight_decay", "ema_decay")
 
 
 def auto_net(data: Dataset) -> str:

@@ -92,6 +92,20 @@ def test_resume_with_different_settings_is_refused(tmp_path, tiny_run):
     assert slower.step == 4 and '"changed": {"lr": [0.0002, 0.0001]}' in (out / "log.jsonl").read_text()
 
 
+def test_ema_decay_may_change_on_resume_and_weighs_only_later_steps(tmp_path, tiny_run):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before, step = weights(out, ("ema/",))
+    t = trainer(tiny_config(steps=step + 1, ema_decay=0.5), out)
+    for _ in t.run():
+        pass
+    after, _ = weights(out, ("ema/",))
+    raw, _ = weights(out, ("raw/",))
+    for key, ema in after.items():  # one update with the new decay: ema = 0.5 ema_before + 0.5 raw
+        np.testing.assert_allclose(ema, 0.5 * before[key] + 0.5 * raw["raw/" + key[4:]], rtol=1e-6, atol=1e-7)
+    assert '"changed": {"ema_decay": [0.999, 0.5]}' in (out / "log.jsonl").read_text()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     base = load_dataset("digits")
     data = base.data.copy()
