@@ -379,6 +379,12 @@ def test_guidance_sweep_tool_on_a_tiny_fashion_mnist_model(tmp_path):
     assert result["ceiling"]["mean"] > 0.8  # the shipped classifier on real test images
     png = sweep.plot(result["summary"], tmp_path / "sweep.png", result["ceiling"]["mean"])
     assert png.stat().st_size > 1000
+    # Resumed: the cells given as done are kept, the others are drawn again with the same seeds.
+    drawn = []
+    again = sweep.guidance_sweep(model, [0.0, 2.0], n_per_class=2, steps=2, seeds=(0, 1), batch_size=20, n_ref=60,
+                                 n_test=200, done=result["rows"][:4], progress=drawn.append)
+    assert [(r["guidance"], r["seed"]) for r in drawn] == [(0.0, 1), (2.0, 1)]
+    assert [r["metrics"] for r in again["rows"]] == pytest.approx([r["metrics"] for r in result["rows"]], rel=1e-5)
 
 
 def test_shipped_unconditional_checkpoints_load_as_before():

@@ -48,9 +48,13 @@ def classifier_ceiling(classifier, data_cfg: dict, n_test: int, dataset=None, da
 
 
 def guidance_sweep(model, weights, *, n_per_class: int, steps: int, seeds=(0,), sampler: str = "lie-trotter",
-                   batch_size: int = 100, classifier=None, reference=None, n_ref: int = 10000, n_test: int = 10000,
-                   dataset=None, data_dir=None, progress=None) -> dict:
-    """The sweep as a dict (rows per w and seed, the unconditional row, the classifier ceiling)."""
+                   sampler_options: dict | None = None, batch_size: int = 100, classifier=None, reference=None,
+                   n_ref: int = 10000, n_test: int = 10000, dataset=None, data_dir=None, progress=None,
+                   done=()) -> dict:
+    """The sweep as a dict (rows per w and seed, the unconditional row, the classifier ceiling).
+
+    ``done``: rows of an earlier run with the same settings; their (guidance, seed) cells are kept,
+    not redrawn. ``progress(row)`` is called after every new row (to save it, for instance)."""
     if not model.num_classes:
         raise ValueError("the guidance sweep needs a class-conditional model (hold-mlx train --conditional)")
     data_cfg = model.config["data"]
@@ -61,32 +65,34 @@ def guidance_sweep(model, weights, *, n_per_class: int, steps: int, seeds=(0,), 
     if reference is None:
         reference, _ = reference_images(data_cfg, n_ref, dataset=dataset, data_dir=data_dir)
     labels = np.repeat(np.arange(model.num_classes), n_per_class)
+    options = dict(sampler_options or {})
+    kept = {(r["guidance"], r["seed"]): r for r in done}
     rows = []
 
-    def score(samples, seed):
-        return sample_quality(samples, reference, data_cfg, classifier=classifier, seed=seed)
+    def cell(w, seed):
+        if (w, seed) in kept:
+            rows.append(kept[(w, seed)])
+            return
+        start = time.time()
+        guided = {} if w is None else {"labels": labels, "guidance": w}
+        drawn = model.sample(len(labels), steps=steps, sampler=sampler, seed=seed, batch_size=batch_size,
+                             **options, **guided)
+        images = drawn.user_units()
+        row = {"guidance": w, "seed": seed, "nfe": drawn.nfe,
+               "metrics": sample_quality(images, reference, data_cfg, classifier=classifier, seed=seed)}
+        if w is not None:
+            row["agreement"] = class_agreement(classifier, images, labels, model.num_classes)
+        row["wall_s"] = time.time() - start
+        rows.append(row)
+        if progress:
+            progress(row)
 
     for seed in seeds:
-        start = time.time()
-        drawn = model.sample(len(labels), steps=steps, sampler=sampler, seed=seed, batch_size=batch_size)
-        metrics = score(drawn.user_units(), seed)
-        rows.append({"guidance": None, "seed": seed, "nfe": drawn.nfe, "metrics": metrics,
-                     "wall_s": time.time() - start})
-        if progress:
-            progress(rows[-1])
-        for w in weights:
-            start = time.time()
-            drawn = model.sample(len(labels), steps=steps, sampler=sampler, seed=seed, batch_size=batch_size,
-                                 labels=labels, guidance=float(w))
-            images = drawn.user_units()
-            rows.append({"guidance": float(w), "seed": seed, "nfe": drawn.nfe, "metrics": score(images, seed),
-                         "agreement": class_agreement(classifier, images, labels, model.num_classes),
-                         "wall_s": time.time() - start})
-            if progress:
-                progress(rows[-1])
+        for w in [None, *map(float, weights)]:
+            cell(w, seed)
     ceiling = classifier_ceiling(classifier, data_cfg, n_test, dataset, data_dir)
     return {"classes": model.class_names, "n_per_class": n_per_class, "steps": steps, "sampler": sampler,
-            "seeds": list(seeds), "n_ref": len(reference), "rows": rows, "ceiling": ceiling,
+            "sampler_options": options, "seeds": list(seeds), "n_ref": len(reference), "rows": rows, "ceiling": ceiling,
             "summary": summarize(rows)}
 
 
@@ -143,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n-per-class", type=int, default=100)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--sampler", default="lie-trotter")
+    parser.add_argument("--order", type=int, default=None, help="gddim's order")
+    parser.add_argument("--eta", type=float, default=None, help="gddim's eta")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--n-ref", type=int, default=10000, help="training images the FD compares against")
@@ -150,18 +158,34 @@ def main(argv=None) -> int:
     parser.add_argument("--classifier", default=None, help="default: weights/fmnist-classifier")
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="results; an existing file of the same settings is resumed (its cells are kept)")
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args(argv)
     model = load(args.checkpoint, args.backend)
+    options = {k: v for k, v in (("order", args.order), ("eta", args.eta)) if v is not None}
+    settings = {"checkpoint": str(args.checkpoint), "n_per_class": args.n_per_class, "steps": args.steps,
+                "sampler": args.sampler, "sampler_options": options, "n_ref": args.n_ref}
+    done = []
+    if args.json and args.json.exists():
+        earlier = json.loads(args.json.read_text())
+        if all(earlier.get(k) == v for k, v in settings.items()):
+            done = earlier["rows"]
+    partial = {**settings, "rows": list(done)}
+
+    def saved(row):
+        print(f"w={row['guidance']} seed={row['seed']}: "
+              f"{ {k: round(v, 4) for k, v in row['metrics'].items() if isinstance(v, float)} } "
+              f"agreement={row.get('agreement', {}).get('mean')} ({row['wall_s']:.0f} s)", file=sys.stderr)
+        if args.json:
+            partial["rows"].append(row)
+            args.json.write_text(json.dumps(partial, indent=1) + "\n")
+
     result = guidance_sweep(
         model, args.guidance, n_per_class=args.n_per_class, steps=args.steps, seeds=args.seeds, sampler=args.sampler,
-        batch_size=args.batch_size, classifier=load_classifier(args.classifier)[0], n_ref=args.n_ref,
-        n_test=args.n_test, dataset=args.dataset, data_dir=args.data_dir,
-        progress=lambda r: print(f"w={r['guidance']} seed={r['seed']}: "
-                                 f"{ {k: round(v, 4) for k, v in r['metrics'].items() if isinstance(v, float)} } "
-                                 f"agreement={r.get('agreement', {}).get('mean')} ({r['wall_s']:.0f} s)",
-                                 file=sys.stderr))
+        sampler_options=options, batch_size=args.batch_size, classifier=load_classifier(args.classifier)[0],
+        n_ref=args.n_ref, n_test=args.n_test, dataset=args.dataset, data_dir=args.data_dir, progress=saved,
+        done=done)
     result["checkpoint"] = str(args.checkpoint)
     print("| guidance w | class agreement | FD-FMNIST-classifier |")
     print("|---|---|---|")
