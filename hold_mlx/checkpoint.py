@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .netconfig import MAX_ORDER, NET_FIELD_RULES, is_finite_number as _is_number, is_int as _is_int, net_field_problems
+
 __all__ = [
     "FORMAT_VERSION", "LAYOUT", "MODEL_FILE", "STATE_FILE", "CheckpointError", "atomic_write",
     "write_tensors", "read_tensors", "read_config", "resolve_model_file", "validate_config",
@@ -39,8 +41,6 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 _META_KEY = "hold_mlx"
 _SUM_KEY = "hold_mlx_sha256"  # sha256 of the tensors (tensor_checksum); absent in older checkpoints
-#: Highest SDE order (number of blocks): the state grows with it and n > 8 is no model anyone trains.
-MAX_ORDER = 8
 
 
 class CheckpointError(ValueError):
@@ -278,14 +278,6 @@ def read_config(path) -> dict:
     return _config_from_header(path, head + rest)
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def validate_sde_params(params: dict, where: str = "--sde-param") -> dict:
     """SDE parameters are finite numbers (or lists of them); order an integer in [1, MAX_ORDER].
     ``where`` names the source in the message (an option or a file)."""
@@ -309,40 +301,13 @@ def validate_sde_params(params: dict, where: str = "--sde-param") -> dict:
     return params
 
 
-#: NetConfig fields: (type check, description). Checked before a network is built, so a bad value
-#: is named here instead of failing inside MLX or torch.
-_POSITIVE_INT = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-_NET_FIELDS = {
-    "kind": (lambda v: v in ("unet", "mlp"), '"unet" or "mlp"'),
-    "data_channels": _POSITIVE_INT,
-    "order": (lambda v: _is_int(v) and 1 <= v <= MAX_ORDER, f"an integer from 1 to {MAX_ORDER}"),
-    "image_size": _POSITIVE_INT,
-    "channels": _POSITIVE_INT,
-    "channel_mult": (lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 8
-                     and all(_is_int(c) and c >= 1 for c in v), "a list of 1 to 8 integers >= 1"),
-    "num_res_blocks": _POSITIVE_INT,
-    "attn_resolutions": (lambda v: isinstance(v, (list, tuple)) and all(_is_int(c) and c >= 1 for c in v),
-                         "a list of integers >= 1"),
-    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "groups": _POSITIVE_INT,
-    "fourier_scale": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "hidden": _POSITIVE_INT,
-    "depth": _POSITIVE_INT,
-    "num_classes": (lambda v: _is_int(v) and 0 <= v <= 100_000, "an integer from 0 (unconditional) to 100000"),
-}
-
-
 def validate_net_params(params: dict, where: str = "--net-param") -> dict:
     """Network settings (all of a NetConfig, or some overrides) have known names and sane types."""
     if not isinstance(params, dict):
         raise CheckpointError(f"{where}: the network config must be a mapping, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(_NET_FIELDS))
-    if unknown:
-        raise CheckpointError(f"{where}: unknown network setting(s) {unknown}; known: {sorted(_NET_FIELDS)}")
-    for key, value in params.items():
-        ok, what = _NET_FIELDS[key]
-        if not ok(value):
-            raise CheckpointError(f"{where}: {key} must be {what}, got {value!r}")
+    problems = net_field_problems(params)
+    if problems:
+        raise CheckpointError(f"{where}: {problems[0]}")
     return params
 
 
@@ -393,7 +358,7 @@ def validate_config(config: dict, path="checkpoint") -> dict:
     validate_sde_params(config["sde"], f"{path}: invalid SDE config")
     net = config["net"]
     validate_net_params(net, f"{path}: invalid network config")
-    missing = sorted(set(_NET_FIELDS) - set(net) - {"hidden", "depth", "dropout", "fourier_scale", "groups",
+    missing = sorted(set(NET_FIELD_RULES) - set(net) - {"hidden", "depth", "dropout", "fourier_scale", "groups",
                                                      "num_classes"})
     if missing:
         raise CheckpointError(f"{where}: the net section lacks {missing}")

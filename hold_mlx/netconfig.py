@@ -2,9 +2,53 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["NetConfig", "NET_PRESETS", "net_preset"]
+__all__ = ["NetConfig", "NET_PRESETS", "net_preset", "NET_FIELD_RULES", "net_field_problems", "MAX_ORDER"]
+
+#: Highest SDE order (number of blocks): the state grows with it and n > 8 is no model anyone trains.
+MAX_ORDER = 8
+
+
+def is_finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_POSITIVE_INT = (lambda v: is_int(v) and v >= 1, "an integer >= 1")
+#: What each NetConfig field may hold in a config (--net-param, a checkpoint): (test, description).
+#: Checked before a network is built, so a bad value is named instead of failing inside MLX or torch.
+NET_FIELD_RULES = {
+    "kind": (lambda v: v in ("unet", "mlp"), '"unet" or "mlp"'),
+    "data_channels": _POSITIVE_INT,
+    "order": (lambda v: is_int(v) and 1 <= v <= MAX_ORDER, f"an integer from 1 to {MAX_ORDER}"),
+    "image_size": _POSITIVE_INT,
+    "channels": _POSITIVE_INT,
+    "channel_mult": (lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 8
+                     and all(is_int(c) and c >= 1 for c in v), "a list of 1 to 8 integers >= 1"),
+    "num_res_blocks": _POSITIVE_INT,
+    "attn_resolutions": (lambda v: isinstance(v, (list, tuple)) and all(is_int(c) and c >= 1 for c in v),
+                         "a list of integers >= 1"),
+    "dropout": (lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "groups": _POSITIVE_INT,
+    "fourier_scale": (lambda v: is_finite_number(v) and v > 0, "a finite number > 0"),
+    "hidden": _POSITIVE_INT,
+    "depth": _POSITIVE_INT,
+    "num_classes": (lambda v: is_int(v) and 0 <= v <= 100_000, "an integer from 0 (unconditional) to 100000"),
+}
+
+
+def net_field_problems(params: dict) -> list[str]:
+    """What is wrong with some NetConfig settings, one sentence each (empty: nothing)."""
+    unknown = sorted(set(params) - set(NET_FIELD_RULES))
+    if unknown:
+        return [f"unknown network setting(s) {unknown}; known: {sorted(NET_FIELD_RULES)}"]
+    return [f"{key} must be {NET_FIELD_RULES[key][1]}, got {value!r}"
+            for key, value in params.items() if not NET_FIELD_RULES[key][0](value)]
 
 
 @dataclass

@@ -131,10 +131,9 @@ def test_atomic_write_gives_the_usual_permissions(tmp_path):
 
 
 def test_config_schema_knows_every_network_setting():
-    """The checkpoint schema and NetConfig name the same settings (a new field needs both)."""
+    """The config rules and NetConfig name the same settings (a new field needs both)."""
     from dataclasses import fields
 
-    from hold_mlx.checkpoint import _NET_FIELDS
-    from hold_mlx.netconfig import NetConfig
+    from hold_mlx.netconfig import NET_FIELD_RULES, NetConfig
 
-    assert set(_NET_FIELDS) == {f.name for f in fields(NetConfig)}
+    assert set(NET_FIELD_RULES) == {f.name for f in fields(NetConfig)}
