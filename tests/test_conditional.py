@@ -160,7 +160,7 @@ def test_cli_class_options(cond_ckpt, tiny_run, tmp_path):
     result = run(main, ["sample", "--checkpoint", str(cond_ckpt), "--steps", "3", "--n", "9", "--class", "all",
                         "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "guidance 1" in result.output
+    assert f"guidance {DEFAULT_GUIDANCE:g}" in result.output
     with np.load(out) as f:
         assert f["samples"].shape == (8, 8, 8, 1) and list(f["labels"]) == [0, 0, 1, 1, 2, 2, 3, 3]
     result = run(main, ["sample", "--checkpoint", str(cond_ckpt), "--steps", "3", "--n", "2", "--class", "dog",
@@ -174,9 +174,21 @@ def test_cli_class_options(cond_ckpt, tiny_run, tmp_path):
     from PIL import Image
 
     assert result.exit_code == 0 and Image.open(png).size == (2 * (2 * 10 + 2), 2 * (4 * 10 + 2))  # 4 rows x 2
+    # No --class: class-balanced (sample i gets class i mod 4) at the default guidance; "none": no label.
+    result = run(main, ["sample", "--checkpoint", str(cond_ckpt), "--steps", "2", "--n", "6", "--out", str(out)])
+    assert result.exit_code == 0 and f"guidance {DEFAULT_GUIDANCE:g}" in result.output, result.output
+    with np.load(out) as f:
+        assert list(f["labels"]) == [0, 1, 2, 3, 0, 1]
+        balanced = f["samples"]
+    result = run(main, ["sample", "--checkpoint", str(cond_ckpt), "--steps", "2", "--n", "6", "--class", "none",
+                        "--out", str(out)])
+    assert result.exit_code == 0 and "guidance" not in result.output, result.output
+    with np.load(out) as f:
+        assert "labels" not in f and np.abs(f["samples"] - balanced).max() > 1e-3
+        np.testing.assert_allclose(f["samples"], load(cond_ckpt, "mlx").sample(6, steps=2).user_units(), atol=1e-6)
     for args, message in ((["--class", "Ankle boot"], "valid classes: 'ant', 'bee', 'cat', 'dog'"),
                           (["--class", "9"], "out of range"),
-                          (["--guidance", "2"], "--guidance needs --class")):
+                          (["--class", "none", "--guidance", "2"], "--guidance needs class labels")):
         result = run(main, ["sample", "--checkpoint", str(cond_ckpt), "--steps", "2", *args, "--out", str(out)])
         assert result.exit_code != 0 and message in result.output, result.output
         assert "Traceback" not in result.output
@@ -385,6 +397,9 @@ def test_guidance_sweep_tool_on_a_tiny_fashion_mnist_model(tmp_path):
                                  n_test=200, done=result["rows"][:4], progress=drawn.append)
     assert [(r["guidance"], r["seed"]) for r in drawn] == [(0.0, 1), (2.0, 1)]
     assert [r["metrics"] for r in again["rows"]] == pytest.approx([r["metrics"] for r in result["rows"]], rel=1e-5)
+    guided = sweep.guidance_sweep(model, [0.0, 2.0], n_per_class=2, steps=2, seeds=(0, 1), n_ref=60, n_test=200,
+                                  done=result["rows"], unconditional=False)
+    assert [(r["guidance"], r["seed"]) for r in guided["rows"]] == [(0.0, 0), (2.0, 0), (0.0, 1), (2.0, 1)]
 
 
 def test_shipped_unconditional_checkpoints_load_as_before():

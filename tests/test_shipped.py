@@ -1,5 +1,6 @@
-"""The shipped weights: the Fashion-MNIST HOLD model is present, the same on MLX and torch, and
-(slow) samples near the data in the shipped classifier's features; the 2-D demo hits its modes."""
+"""The shipped weights: the class-conditional Fashion-MNIST HOLD model is present, the same on MLX
+and torch, and (slow) samples near the data in the shipped classifier's features and draws the
+requested classes; the 2-D demo hits its modes."""
 
 from __future__ import annotations
 
@@ -9,17 +10,22 @@ import numpy as np
 import pytest
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "fashion-mnist-hold"
+UNCONDITIONAL = WEIGHTS.parent / "fashion-mnist-hold-uncond"
 
 
 def test_shipped_weights_are_the_documented_model():
     from hold_mlx.checkpoint import default_checkpoint, read_config
+    from hold_mlx.data import FASHION_MNIST_CLASSES
 
     config = read_config(WEIGHTS / "model.safetensors")
     assert default_checkpoint().resolve() == (WEIGHTS / "model.safetensors").resolve()
     assert config["sde"]["name"] == "hold" and config["sde"]["order"] == 3
     assert config["data"]["name"] == "fashion-mnist" and list(config["data"]["shape"]) == [28, 28, 1]
+    assert config["net"]["num_classes"] == 10 and config["data"]["classes"] == list(FASHION_MNIST_CLASSES)
     readme = (WEIGHTS.parent / "README.md").read_text()
     assert f"step {config['step']}" in readme  # the README describes this very checkpoint
+    old = read_config(UNCONDITIONAL / "model.safetensors")  # the previous default, kept for its tables
+    assert "num_classes" not in old["net"] and f"step {old['step']}" in readme
 
 
 def test_shipped_model_scores_agree_on_mlx_and_torch():
@@ -68,6 +74,22 @@ def test_shipped_samples_look_like_fashion_mnist():
     kd_samples, kd_real, kd_noise = kd(images), kd(test.to_user(test.data[:64])), kd(noise)
     assert kd_real < kd_samples < 0.3 * kd_noise, (kd_real, kd_samples, kd_noise)
     assert np.unique(classifier_logits(net, images).argmax(1)).size >= 6
+
+
+@pytest.mark.slow
+def test_shipped_model_draws_the_requested_classes():
+    """20 samples of each class at the default guidance (50 Lie-Trotter steps): the shipped
+    classifier assigns most of them to the class that was asked for."""
+    from hold_mlx.classifier import classifier_logits, load_classifier
+    from hold_mlx.model import DEFAULT_GUIDANCE, load
+
+    model = load(None, "mlx")
+    labels = np.repeat(np.arange(10), 20)
+    drawn = model.sample(len(labels), steps=50, seed=3, batch_size=100, labels=labels)
+    assert drawn.guidance == DEFAULT_GUIDANCE and list(drawn.labels) == list(labels)
+    predicted = classifier_logits(load_classifier()[0], drawn.user_units()).argmax(1)
+    per_class = [np.mean(predicted[labels == k] == k) for k in range(10)]
+    assert np.mean(per_class) > 0.8 and min(per_class) > 0.4, per_class
 
 
 def test_shipped_2d_demo_samples_the_eight_modes():

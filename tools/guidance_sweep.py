@@ -50,11 +50,12 @@ def classifier_ceiling(classifier, data_cfg: dict, n_test: int, dataset=None, da
 def guidance_sweep(model, weights, *, n_per_class: int, steps: int, seeds=(0,), sampler: str = "lie-trotter",
                    sampler_options: dict | None = None, batch_size: int = 100, classifier=None, reference=None,
                    n_ref: int = 10000, n_test: int = 10000, dataset=None, data_dir=None, progress=None,
-                   done=()) -> dict:
+                   done=(), unconditional: bool = True) -> dict:
     """The sweep as a dict (rows per w and seed, the unconditional row, the classifier ceiling).
 
     ``done``: rows of an earlier run with the same settings; their (guidance, seed) cells are kept,
-    not redrawn. ``progress(row)`` is called after every new row (to save it, for instance)."""
+    not redrawn. ``progress(row)`` is called after every new row (to save it, for instance).
+    ``unconditional``: also draw the "no label" reference row of every seed."""
     if not model.num_classes:
         raise ValueError("the guidance sweep needs a class-conditional model (hold-mlx train --conditional)")
     data_cfg = model.config["data"]
@@ -88,7 +89,7 @@ def guidance_sweep(model, weights, *, n_per_class: int, steps: int, seeds=(0,), 
             progress(row)
 
     for seed in seeds:
-        for w in [None, *map(float, weights)]:
+        for w in [None] * unconditional + [float(w) for w in weights]:
             cell(w, seed)
     ceiling = classifier_ceiling(classifier, data_cfg, n_test, dataset, data_dir)
     return {"classes": model.class_names, "n_per_class": n_per_class, "steps": steps, "sampler": sampler,
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eta", type=float, default=None, help="gddim's eta")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--no-unconditional", action="store_true", help="skip the 'no label' reference rows")
     parser.add_argument("--n-ref", type=int, default=10000, help="training images the FD compares against")
     parser.add_argument("--n-test", type=int, default=10000, help="test images for the classifier's ceiling")
     parser.add_argument("--classifier", default=None, help="default: weights/fmnist-classifier")
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
         model, args.guidance, n_per_class=args.n_per_class, steps=args.steps, seeds=args.seeds, sampler=args.sampler,
         sampler_options=options, batch_size=args.batch_size, classifier=load_classifier(args.classifier)[0],
         n_ref=args.n_ref, n_test=args.n_test, dataset=args.dataset, data_dir=args.data_dir, progress=saved,
-        done=done)
+        done=done, unconditional=not args.no_unconditional)
     result["checkpoint"] = str(args.checkpoint)
     print("| guidance w | class agreement | FD-FMNIST-classifier |")
     print("|---|---|---|")

@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 NFES = (10, 15, 20, 30, 50, 100)
+#: The model of the table in docs/samplers.md: the unconditional HOLD model that was the default
+#: until the class-conditional one replaced it (weights/README.md).
+UNCONDITIONAL = "weights/fashion-mnist-hold-uncond"
 
 
 @dataclass
@@ -91,12 +94,13 @@ def run(args) -> dict:
 
     cache = json.loads(args.cache.read_text()) if args.cache.exists() else {}
     cells = cache.setdefault("cells", {})
-    model = load(args.checkpoint, args.backend)
+    path = Path(args.checkpoint)
+    model = load(path if path.is_absolute() or path.exists() else REPO / path, args.backend)
     data_cfg = model.config["data"]
     if tuple(data_cfg["shape"]) != (28, 28, 1):
         raise SystemExit(f"this table uses the Fashion-MNIST classifier; the model makes {tuple(data_cfg['shape'])}")
     scorer = Scorer(data_cfg, args.n_ref, args.classifier)
-    setup = {"checkpoint": str(args.checkpoint or "shipped"), "backend": args.backend, "samples": args.samples,
+    setup = {"checkpoint": str(args.checkpoint), "backend": args.backend, "samples": args.samples,
              "n_ref": args.n_ref, "reference": scorer.reference_name}
     if cache.get("setup", setup) != setup:
         raise SystemExit(f"{args.cache} was made with {cache['setup']}, not {setup}; use another --cache")
@@ -225,7 +229,8 @@ def write(cache: dict, args) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="default: the shipped Fashion-MNIST HOLD model")
+    ap.add_argument("--checkpoint", default=UNCONDITIONAL,
+                    help="a checkpoint or run folder (relative paths: from the working directory, else the repository)")
     ap.add_argument("--backend", default="mlx", choices=["mlx", "torch", "onnx"])
     ap.add_argument("--samples", type=int, default=1000, help="samples per seed and cell")
     ap.add_argument("--seeds", type=int, default=3)
@@ -254,8 +259,8 @@ def main(argv=None):
     else:
         cache = run(args)
     write(cache, args)
-    done = sum(1 for k in cache["cells"] if not k.startswith("floor"))
-    total = len(args.configs) * len(args.nfe) * args.seeds
+    wanted = [cell_key(c, nfe, seed) for c in args.configs for nfe in args.nfe for seed in range(args.seeds)]
+    done, total = sum(k in cache["cells"] for k in wanted), len(wanted)
     print(f"wrote {args.out} and {args.plot}; {done} of {total} cells measured"
           + ("" if done >= total else " (rerun to continue)"))
 

@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
-# Trains and measures the class-conditional HOLD Fashion-MNIST model (docs/results.md, "Class-conditional").
+# Trains and measures the class-conditional HOLD Fashion-MNIST model, the shipped default
+# (weights/README.md; docs/results.md, "Class-conditional model").
 #
 #   tools/train_conditional.sh [RUNS_DIR]        (default: runs/)
 #
 # Resumable: run it again after a kill and training continues bitwise where it stopped (batches,
-# noise, label dropout and dropout masks are functions of the seed and the step). Stages:
-#   1. train   HOLD order 3, the same network, batch, optimiser and seed as the shipped unconditional
-#              model (weights/README.md), with --conditional (label dropout 0.1), to COND_STEPS steps;
-#   2. sweep   tools/guidance_sweep.py: class agreement (the project's classifier) and FD for
-#              w in {0, 0.5, 1, 2, 4}, 100 samples per class, 3 seeds -> docs/guidance_sweep.{json,png};
-#   3. eval    unconditional ("no label") FD/KD of the new model and of today's shipped model, 1000
-#              samples at 100 steps, seeds 0 1 2 -> RUNS/eval-*.json.
-# BACKEND/DEVICE choose the trainer (torch on one CPU thread was the fastest on the 2-core machine
-# the shipped model was trained on; DEVICE=cuda AMP=bf16 on an NVIDIA GPU). STAGES picks stages.
+# noise, label dropout and dropout masks are functions of the seed and the step); the sweep and
+# the quality table keep every finished cell in their JSON. Stages (STAGES picks some):
+#   train   HOLD order 3, the fashion-mnist U-Net, --conditional (label dropout 0.1), batch 256,
+#           to COND_STEPS steps;
+#   sweep   tools/guidance_sweep.py with the 20-call recipe (gddim, 19 steps, eta 0.5): class
+#           agreement (the project's classifier) and FD for w in {0, 0.5, 1, 2, 4}, 100 samples
+#           per class, seeds 0 1 2 -> docs/guidance_sweep.{json,png};
+#   agree   the same at w = GUIDANCE with 100 Lie-Trotter steps (the CLI default sampler)
+#           -> docs/guidance_lt100.json;
+#   nolabel unconditional ("no label") FD/KD with 1000 samples x seeds 0 1 2 at 100 Lie-Trotter
+#           calls and 10/20 gddim calls -> docs/quality_vs_nfe_cond.json, next to the same cells of
+#           the previous (unconditional) default model in docs/quality_vs_nfe.json.
+# BACKEND/DEVICE/AMP choose the trainer (torch on the CPU was the faster trainer on the 2-core
+# x86 machine; DEVICE=cuda AMP=bf16 on an NVIDIA GPU).
 set -euo pipefail
 RUNS=${1:-runs}
 BACKEND=${BACKEND:-torch}
 DEVICE=${DEVICE:-cpu}
 AMP=${AMP:-none}
-COND_STEPS=${COND_STEPS:-30000}
-STAGES=${STAGES:-"train sweep eval"}
-OUT="$RUNS/fmnist-hold-cond"
+COND_STEPS=${COND_STEPS:-200000}
+GUIDANCE=${GUIDANCE:-1}
+STAGES=${STAGES:-"train sweep agree nolabel"}
+OUT="$RUNS/fmnist-cond"
+CKPT=${CKPT:-$OUT}  # what the measuring stages read (weights/fashion-mnist-hold once shipped)
+UNCOND=weights/fashion-mnist-hold-uncond
 mkdir -p "$RUNS"
 
 stage() { echo "[$(date -u +%FT%TZ)] $*"; "$@"; }
@@ -28,19 +37,25 @@ wants() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if wants train; then
   stage hold-mlx train --dataset fashion-mnist --net fashion-mnist --sde hold --conditional --label-dropout 0.1 \
-      --batch-size 64 --lr 5e-4 --warmup 500 --ema-decay 0.999 --save-every 250 --sample-every 2000 --seed 0 \
+      --batch-size 256 --lr 5e-4 --warmup 500 --ema-decay 0.999 --save-every 100 --seed 0 \
       --backend "$BACKEND" --device "$DEVICE" --amp "$AMP" --steps "$COND_STEPS" --out "$OUT"
 fi
 if wants sweep; then
-  stage python tools/guidance_sweep.py --checkpoint "$OUT" --guidance 0 0.5 1 2 4 --n-per-class 100 \
-      --steps 100 --seeds 0 1 2 --json docs/guidance_sweep.json --plot docs/guidance_sweep.png
+  stage python tools/guidance_sweep.py --checkpoint "$CKPT" --guidance 0 0.5 1 2 4 --n-per-class 100 \
+      --sampler gddim --steps 19 --eta 0.5 --seeds 0 1 2 --json docs/guidance_sweep.json \
+      --plot docs/guidance_sweep.png
 fi
-if wants eval; then
-  for seed in 0 1 2; do
-    stage hold-mlx eval --checkpoint "$OUT" --quality --n-samples 1000 --steps 100 --seed "$seed" \
-        --out "$RUNS/eval-cond-nolabel-seed$seed.json"
-    stage hold-mlx eval --quality --n-samples 1000 --steps 100 --seed "$seed" \
-        --out "$RUNS/eval-shipped-seed$seed.json"
+if wants agree; then
+  stage python tools/guidance_sweep.py --checkpoint "$CKPT" --guidance "$GUIDANCE" --n-per-class 100 \
+      --steps 100 --seeds 0 1 2 --no-unconditional --json docs/guidance_lt100.json
+fi
+if wants nolabel; then
+  for cells in "lie-trotter 100" "gddim-2-eta0.5 10,20"; do
+    set -- $cells
+    stage python tools/quality_vs_nfe.py --checkpoint "$CKPT" --configs "$1" --nfe "$2" \
+        --cache docs/quality_vs_nfe_cond.json --out "$RUNS/quality_vs_nfe_cond.md" --plot "$RUNS/quality_vs_nfe_cond.png"
+    stage python tools/quality_vs_nfe.py --checkpoint "$UNCOND" --configs "$1" --nfe "$2" \
+        --out "$RUNS/quality_vs_nfe_uncond.md" --plot "$RUNS/quality_vs_nfe_uncond.png"
   done
 fi
 echo "[$(date -u +%FT%TZ)] done"
