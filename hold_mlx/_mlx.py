@@ -27,6 +27,8 @@ import ctypes
 import os
 import sys
 
+from .machine import cpu_count, max_threads  # no MLX import: safe before the BLAS preload
+
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
@@ -85,8 +87,6 @@ except ImportError as err:  # pragma: no cover - depends on the installation
         f"MLX is not usable ({err}). On Linux install the CPU backend: pip install 'mlx[cpu]'"
     ) from err
 
-
-from .machine import cpu_count, max_threads  # noqa: E402
 
 
 def _on_cpu() -> bool:

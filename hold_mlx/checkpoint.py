@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .netconfig import MAX_ORDER, NET_FIELD_RULES, is_finite_number as _is_number, is_int as _is_int, net_field_problems
+from .netconfig import MAX_ORDER, NET_FIELD_RULES, is_finite_number, is_int, net_field_problems
 
 __all__ = [
     "FORMAT_VERSION", "LAYOUT", "MODEL_FILE", "STATE_FILE", "CheckpointError", "atomic_write",
@@ -288,15 +288,15 @@ def validate_sde_params(params: dict, where: str = "--sde-param") -> dict:
             if not isinstance(value, str):
                 raise CheckpointError(f"{where}: SDE name must be a string, got {value!r}")
         elif key == "order":
-            if not _is_int(value) or not 1 <= value <= MAX_ORDER:
+            if not is_int(value) or not 1 <= value <= MAX_ORDER:
                 raise CheckpointError(f"{where}: order must be an integer from 1 to {MAX_ORDER} (the state has "
                                       f"order x the data's size), got {value!r}")
         elif isinstance(value, list):
-            if not all(_is_number(v) for v in value):
+            if not all(is_finite_number(v) for v in value):
                 raise CheckpointError(f"{where}: {key} must be a list of finite numbers, got {value!r}")
-        elif value is not None and not _is_number(value):
+        elif value is not None and not is_finite_number(value):
             raise CheckpointError(f"{where}: {key} must be a finite number, got {value!r}")
-        if key in ("T", "beta", "beta_min", "beta_max") and _is_number(value) and value <= 0:
+        if key in ("T", "beta", "beta_min", "beta_max") and is_finite_number(value) and value <= 0:
             raise CheckpointError(f"{where}: {key} must be > 0, got {value!r}")
     return params
 
@@ -318,13 +318,13 @@ def _check_data_section(data: dict, where) -> None:
         raise CheckpointError(f"{where}: data.kind must be \"image\" or \"points\", got {data.get('kind')!r}")
     shape = data.get("shape")
     rank = 3 if data["kind"] == "image" else 1
-    if not (isinstance(shape, list) and len(shape) == rank and all(_is_int(v) and v >= 1 for v in shape)):
+    if not (isinstance(shape, list) and len(shape) == rank and all(is_int(v) and v >= 1 for v in shape)):
         raise CheckpointError(f"{where}: data.shape must be a list of {rank} integers >= 1 for {data['kind']} "
                               f"data, got {shape!r}")
     for key in ("shift", "scale"):
         value = data.get(key)
         values = value if isinstance(value, list) else [value]
-        if not values or not all(_is_number(v) for v in values):
+        if not values or not all(is_finite_number(v) for v in values):
             raise CheckpointError(f"{where}: data.{key} must be a finite number or a list of them, got {value!r}")
         if key == "scale" and not all(v > 0 for v in values):
             raise CheckpointError(f"{where}: data.scale must be > 0, got {value!r}")
@@ -350,7 +350,7 @@ def validate_config(config: dict, path="checkpoint") -> dict:
                                   f"{type(config[key]).__name__}")
     if "train" in config and not isinstance(config["train"], dict):
         raise CheckpointError(f"{path}: config section 'train' must be a JSON object")
-    if "step" in config and not (_is_int(config["step"]) and config["step"] >= 0):
+    if "step" in config and not (is_int(config["step"]) and config["step"] >= 0):
         raise CheckpointError(f"{path}: config step must be an integer >= 0, got {config['step']!r}")
     where = f"{path}: config"
     if "name" not in config["sde"]:

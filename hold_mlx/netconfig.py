@@ -74,10 +74,11 @@ class NetConfig:
         self.channel_mult = tuple(int(c) for c in self.channel_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         self.num_classes = int(self.num_classes)
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
-        if self.kind not in ("unet", "mlp"):
-            raise ValueError(f"unknown network kind {self.kind!r}; choose unet or mlp")
+        # the rules the rest of the config relies on (a checkpoint or --net-param gets every rule
+        # checked before this, with the offending key named)
+        problems = net_field_problems({"kind": self.kind, "num_classes": self.num_classes})
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.kind == "unet":
             down = 2 ** (len(self.channel_mult) - 1)
             if self.image_size % down:

@@ -13,6 +13,14 @@ samples and compare them with N fresh samples of the mixture:
 - sliced 2-Wasserstein distance (256 random directions);
 - the Monte-Carlo floor: the same metrics between independent data sets of the same size.
 
+``--metric exact`` takes the reference set out of the noise: MMD^2 against the mixture itself
+(``hold_mlx.exact.mmd2_to_mixture``, its expectations in closed form) and sliced W2 against one
+large data set (20 000 samples), so the spread over seeds is the samples' own. Its tables go to a
+block of their own in docs/samplers.md; it is the sharper test of the few-step targets:
+
+    OPENBLAS_NUM_THREADS=1 nice -n 10 python tools/bench_samplers.py --metric exact --dims 64 \
+        --sdes vp,cld,hold3 --nfe 10,15,20,1000 --n 1000 --specs lie-trotter,euler-maruyama,gddim-2,gddim-3,gddim-2-eta0.5
+
 Every cell is the mean ± std over the seeds; a configuration "reaches the 1000-NFE quality" only
 where the MEAN clears the bar (see ``BAR_RULE``). It prints the tables and writes docs/samplers.md
 and docs/samplers_quality.png.
@@ -42,8 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hold_mlx.api import sample_full  # noqa: E402
-from hold_mlx.exact import (ExactScore, checkerboard_like_mixture, median_distance, ring_mixture,  # noqa: E402
-                            sliced_wasserstein)
+from hold_mlx.exact import (ExactScore, checkerboard_like_mixture, median_distance, mmd2_to_mixture,  # noqa: E402
+                            ring_mixture, sliced_wasserstein)
 from hold_mlx.metrics import gaussian_kernel, mmd2_unbiased  # noqa: E402
 from hold_mlx.sde import get_sde  # noqa: E402
 
@@ -108,12 +116,14 @@ class Problem:
     data: np.ndarray
     bandwidths: tuple
     floor: dict  # metric -> (mean, std) between independent data sets
+    exact: bool = False  # MMD^2 against the mixture in closed form, SW against one large data set
     _data: dict = field(default_factory=dict)
 
     def data_for(self, seed: int) -> np.ndarray:
         """The reference data set of a seed (seed 0: ``data``); a fresh one for every seed, so
-        the spread over seeds includes the Monte-Carlo noise of the metric."""
-        if seed == 0:
+        the spread over seeds includes the Monte-Carlo noise of the metric (``exact``: ``data``,
+        the one large set, for every seed)."""
+        if seed == 0 or self.exact:
             return self.data
         if seed not in self._data:
             self._data[seed] = self.mixture.sample(self.n, np.random.default_rng(2 + 7919 * seed))
@@ -121,17 +131,23 @@ class Problem:
 
     def metrics(self, x: np.ndarray, seed: int = 0) -> dict:
         data = self.data_for(seed)
+        if self.exact:
+            return {"mmd2": mmd2_to_mixture(x, self.mixture, self.bandwidths),
+                    "sw": sliced_wasserstein(x, data, seed=seed)}
         return {"mmd2": mmd2_unbiased(x, data, gaussian_kernel, bandwidths=self.bandwidths), "sw": sliced_wasserstein(x, data, seed=seed)}
 
 
-def make_problem(dim: int, n: int, floor_repeats: int) -> Problem:
+EXACT_REFERENCE = 20000  # data samples behind the sliced W2 of --metric exact
+
+
+def make_problem(dim: int, n: int, floor_repeats: int, exact: bool = False) -> Problem:
     mix = ring_mixture() if dim == 2 else checkerboard_like_mixture(dim)
     name = "2-D ring of 8 Gaussians (std 0.15, radius 2)" if dim == 2 else \
         f"{dim}-D mixture of 8 anisotropic Gaussians (checkerboard_like_mixture, variances 0.02-0.3)"
     h = median_distance(mix.sample(2000, np.random.default_rng(1)))
     bandwidths = tuple(h * f for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1))
-    data = mix.sample(n, np.random.default_rng(2))
-    problem = Problem(name, mix, n, data, bandwidths, {})
+    data = mix.sample(EXACT_REFERENCE if exact else n, np.random.default_rng(2))
+    problem = Problem(name, mix, n, data, bandwidths, {}, exact)
     values = [problem.metrics(mix.sample(n, np.random.default_rng(100 + i))) for i in range(floor_repeats)]
     problem.floor = {k: (float(np.mean([v[k] for v in values])), float(np.std([v[k] for v in values])))
                      for k in values[0]}
@@ -246,8 +262,15 @@ def main(argv=None):
     ap.add_argument("--sdes", default=",".join(SDES))
     ap.add_argument("--nfe", default=",".join(map(str, NFES)))
     ap.add_argument("--seeds", type=int, default=SEEDS, help="seeds per cell (mean ± std over them)")
+    ap.add_argument("--metric", choices=("sampled", "exact"), default="sampled",
+                    help="sampled: MMD² and SW against N fresh data samples per seed; exact: MMD² against the "
+                         "mixture in closed form, SW against 20 000 data samples (a block of its own in --out)")
+    ap.add_argument("--specs", default=None,
+                    help="only these samplers (comma-separated labels, e.g. lie-trotter,gddim-2; ode-rk45 for "
+                         "the adaptive ODE), each on the grids plan() gives it")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "samplers.md")
-    ap.add_argument("--plot", type=Path, default=REPO / "docs" / "samplers_quality.png")
+    ap.add_argument("--plot", type=Path, default=None,
+                    help="default docs/samplers_quality.png (--metric exact: docs/samplers_quality_exact.png)")
     ap.add_argument("--json", type=Path, default=None,
                     help="also save the raw numbers here (default: next to --out, samplers_results.json)")
     ap.add_argument("--render-only", action="store_true", help="re-render --out and --plot from --json")
@@ -255,7 +278,9 @@ def main(argv=None):
                     help="with --render-only: first merge these JSON files (one per --dims/--sdes process run in "
                          "parallel) into --json")
     args = ap.parse_args(argv)
-    json_path = args.json or args.out.with_name(args.out.stem + "_results.json")
+    suffix = "_exact" if args.metric == "exact" else ""
+    args.plot = args.plot or REPO / "docs" / f"samplers_quality{suffix}.png"
+    json_path = args.json or args.out.with_name(args.out.stem + suffix + "_results.json")
     if args.render_only and args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
         merged = {**parts[0], "results": {}, "sdes": [], "elapsed": sum(p["elapsed"] for p in parts)}
@@ -272,7 +297,8 @@ def main(argv=None):
         for _, rows, _ in results.values():
             for row in rows.values():
                 row["points"] = {float(k) if "." in k or "e" in k else int(k): v for k, v in row["points"].items()}
-        args.quick, args.seeds = saved["quick"], saved.get("seeds", 1)
+        args.quick, args.seeds, args.metric = saved["quick"], saved.get("seeds", 1), saved.get("metric", "sampled")
+        args.specs = saved.get("specs")
         write_outputs(results, saved["nfes"], saved["sdes"], args, saved["elapsed"], None)
         return
 
@@ -280,6 +306,12 @@ def main(argv=None):
     sdes = args.sdes.split(",")
     nfes = [int(v) for v in args.nfe.split(",")]
     specs, tolerances = SPECS, TOLERANCES
+    wanted = args.specs.split(",") if args.specs else None
+    if wanted:
+        unknown = sorted(set(wanted) - {s.label for s in SPECS} - {RK45.label})
+        if unknown:
+            ap.error(f"unknown --specs {', '.join(unknown)}; choose from {', '.join(s.label for s in SPECS + [RK45])}")
+        specs = [s for s in SPECS if s.label in wanted]
     if args.quick:
         dims, sdes, nfes = dims[:1], ["vp", "hold3"], [10, 50]
         specs = [s for s in SPECS if s.label in ("lie-trotter", "ode-exp-heun", f"pm-one-K{PM_SUBSTEPS}", "gddim-2")]
@@ -288,7 +320,8 @@ def main(argv=None):
     results = {}
     for dim in dims:
         n = args.n or (200 if args.quick else 1000 if dim <= 2 else 500)
-        problem = make_problem(dim, n, 3 if args.quick else 8)
+        problem = make_problem(dim, n, 3 if args.quick else 20 if args.metric == "exact" else 8,
+                               args.metric == "exact")
         print(f"\n## {problem.name}: N = {n}; floor MMD^2 {problem.floor['mmd2'][0]:.2e} "
               f"+- {problem.floor['mmd2'][1]:.2e}, SW {problem.floor['sw'][0]:.4f} +- {problem.floor['sw'][1]:.4f}",
               flush=True)
@@ -310,6 +343,8 @@ def main(argv=None):
                         print(f"{sde_label:6s} {spec.label:18s} {grid:9s} NFE {p['nfe']:5d} "
                               f"MMD2e3 {fmt_pm(p, 'mmd2'):>14s} SW {fmt_pm(p, 'sw'):>14s} "
                               f"({p['seconds']:.1f}s)", flush=True)
+            if wanted and RK45.label not in wanted:
+                continue
             key = (sde_label, RK45.label, "adaptive")
             row = rows[key] = {"sde": sde_label, "spec": RK45.label, "grid": "adaptive", "points": {},
                                "target_nfe": max(nfes)}
@@ -330,29 +365,58 @@ def write_outputs(results, nfes, sdes, args, elapsed, json_path) -> None:
     print("\n" + report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     old = args.out.read_text() if args.out.exists() else ""
-    if BEGIN in old and END in old:  # keep the hand-written text around the generated block
-        report = old[:old.index(BEGIN)] + report + old[old.index(END) + len(END) + 1:]
+    begin, end = markers(args.metric)
+    if begin in old and end in old:  # keep the hand-written text around the generated block
+        report = old[:old.index(begin)] + report + old[old.index(end) + len(end) + 1:]
+    elif old:  # a new block (the first --metric exact run) goes at the end
+        report = old.rstrip("\n") + "\n\n" + report
     args.out.write_text(report)
     plot(results, nfes, sdes, args.plot)
     if json_path is not None:
-        saved = {"quick": args.quick, "seeds": args.seeds, "nfes": nfes, "sdes": sdes, "elapsed": elapsed, "results": {
-            dim: ({"name": p.name, "n": p.n, "bandwidths": list(p.bandwidths), "floor": p.floor},
+        saved = {"quick": args.quick, "seeds": args.seeds, "metric": args.metric, "specs": args.specs, "nfes": nfes, "sdes": sdes, "elapsed": elapsed, "results": {
+            dim: ({"name": p.name, "n": p.n, "bandwidths": list(p.bandwidths), "floor": p.floor, "exact": p.exact},
                   {"|".join(k): v for k, v in rows.items()}, n) for dim, (p, rows, n) in results.items()}}
         json_path.write_text(json.dumps(saved, indent=1))
     print(f"wrote {args.out} and {args.plot} ({elapsed / 60:.1f} min of sampling)")
 
 
-BEGIN = "<!-- begin: generated by tools/bench_samplers.py; edit the script, not this block -->"
-END = "<!-- end: generated by tools/bench_samplers.py -->"
+def markers(metric: str) -> tuple[str, str]:
+    """The generated block's first and last lines in --out: one block per metric."""
+    tag = "" if metric == "sampled" else f" --metric {metric}"
+    return (f"<!-- begin: generated by tools/bench_samplers.py{tag}; edit the script, not this block -->",
+            f"<!-- end: generated by tools/bench_samplers.py{tag} -->")
 
 
 def render(results, nfes, sdes, args, elapsed) -> str:
+    exact = args.metric == "exact"
     cmd = "nice -n 10 python tools/bench_samplers.py" + (" --quick" if args.quick else "") + \
         (f" --seeds {args.seeds}" if args.seeds != SEEDS else "")
-    lines = [
-        BEGIN,
+    if exact:
+        ns = sorted({n for _, _, n in results.values()})
+        cmd = ("OPENBLAS_NUM_THREADS=1 " + cmd + " --metric exact" + f" --dims {','.join(map(str, results))}" +
+               f" --sdes {','.join(sdes)} --nfe {','.join(map(str, nfes))}" +
+               (f" --n {ns[0]}" if len(ns) == 1 else "") + (f" --specs {args.specs}" if args.specs else ""))
+    begin, end = markers(args.metric)
+    head = [
+        "## Measured: the sharper test (MMD² against the exact mixture)" if exact else
         "## Measured: samplers at equal NFE, with exact scores",
         "",
+        f"Command: `{cmd}` ({elapsed / 60:.1f} min on {platform.machine()} {platform.system()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}).",
+        "",
+    ]
+    if exact:
+        lines = [begin, *head,
+                 "The same problems, samplers, seeds and bar rule as the table above, with the reference data",
+                 "taken out of the noise: MMD² (×10³, the same kernel) of the N samples against the mixture",
+                 "itself, its expectations over the mixture in closed form (`hold_mlx.exact.mmd2_to_mixture`), and",
+                 f"sliced W2 against one fixed set of {EXACT_REFERENCE} data samples. The spread over seeds is the",
+                 "samples' own; exact samples give MMD² 0 on average (the floor). Every cell is the mean ± std",
+                 f"over {args.seeds} seeds. A configuration reaches the SDE's {max(nfes)}-NFE quality when the MEAN "
+                 f"of both metrics clears the bar: {BAR_RULE}.", ""]
+        return "\n".join(_tables(lines, results, nfes, sdes, args) + [end]) + "\n"
+    lines = [
+        begin, *head,
         f"Command: `{cmd}` ({elapsed / 60:.1f} min on {platform.machine()} {platform.system()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}).",
         "",
@@ -375,6 +439,11 @@ def render(results, nfes, sdes, args, elapsed) -> str:
         "quadratic grid; `--full` adds Heun, PLMC-one and AMS on every grid.",
         "",
     ]
+    return "\n".join(_tables(lines, results, nfes, sdes, args) + [end]) + "\n"
+
+
+def _tables(lines, results, nfes, sdes, args) -> list:
+    """``lines`` plus, per dimension and SDE, the bar and the table of cells, and the fewest-NFE summary."""
     for dim, (problem, rows, n) in results.items():
         lines += [f"### {problem.name}", "",
                   f"N = {n} samples per point. Floor: MMD² {fmt(problem.floor['mmd2'][0], 'mmd2')} ± "
@@ -406,10 +475,10 @@ def render(results, nfes, sdes, args, elapsed) -> str:
                     cells.append(f"{fmt_pm(p, 'mmd2')} / {fmt_pm(p, 'sw')}{tag}")
                 lines.append(f"| {row['spec']} | {row['grid']} | " + " | ".join(cells) +
                              f" | {actual if actual else '—'} |")
-            rk = rows[(sde_label, RK45.label, "adaptive")]
+            rk = rows.get((sde_label, RK45.label, "adaptive"))
             cells = [f"tol {p['tol']:g}: NFE {p['nfe']}, {fmt_pm(p, 'mmd2')} / {fmt_pm(p, 'sw')}"
-                     for p in rk["points"].values()]
-            lines += ["", f"ode-rk45 (rtol = atol; MMD² ×10³ / SW): " + "; ".join(cells) + ".", ""]
+                     for p in rk["points"].values()] if rk else []
+            lines += ["", f"ode-rk45 (rtol = atol; MMD² ×10³ / SW): " + "; ".join(cells) + "." if cells else "", ""]
         reach.sort(key=lambda r: r[0])
         lines += [f"#### Fewest NFE to reach the SDE's {max(nfes)}-NFE quality ({dim}-D, mean over seeds)", "",
                   "| SDE | sampler | grid | NFE (realised) |", "|---|---|---|---|"]
@@ -420,8 +489,7 @@ def render(results, nfes, sdes, args, elapsed) -> str:
             if not mine:
                 lines.append(f"| {sde_label} | (none within NFE ≤ {max(nfes)}) | | |")
         lines.append("")
-    lines.append(END)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(results, nfes, sdes, path: Path) -> None:
