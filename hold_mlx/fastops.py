@@ -24,7 +24,7 @@ import sys
 
 from ._mlx import mx
 
-__all__ = ["enabled", "tanh", "sigmoid", "silu", "group_norm"]
+__all__ = ["enabled", "tanh", "sigmoid", "silu", "softmax", "group_norm"]
 
 
 def enabled() -> bool:
@@ -105,6 +105,31 @@ def _silu_vjp(primals, cotangent, output):
     x = primals[0] if isinstance(primals, (list, tuple)) else primals
     s = sigmoid(x)
     return (cotangent * (s + x * s * (1.0 - s)),)
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+@mx.custom_function
+def softmax(x):
+    """Softmax over the last axis with exp from the rational tanh: for r = x - max <= 0,
+    exp(r) = q^2 with q = exp(r / 2) = (1 + t) / (1 - t), t = tanh(r / 4). MLX's CPU softmax runs
+    its exp one element at a time (about 50 ns per element at the attention's (B, 49, 49); this
+    is about 20x faster). Squaring halves the argument at which 1 + t cancels: weights above 1e-3
+    are within 1e-5 relative and every weight as close as MLX's own (6e-7 absolute at worst in
+    tests/test_fastops.py); r < -36 rounds to 0."""
+    r = x - mx.max(x, axis=-1, keepdims=True)
+    t = tanh(0.25 * r)
+    q = (1.0 + t) / (1.0 - t)
+    e = q * q
+    return e / mx.sum(e, axis=-1, keepdims=True)
+
+
+@softmax.vjp
+def _softmax_vjp(primals, cotangent, output):
+    y = output[0] if isinstance(output, (list, tuple)) else output
+    g = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
+    return (y * (g - mx.sum(g * y, axis=-1, keepdims=True)),)
 
 
 # ----------------------------------------------------------------------------- group norm
@@ -211,12 +236,36 @@ def _native():
 _NATIVE_CHANNEL_BLOCK = 16
 
 
+def _tap_shifts(wp: int) -> list[int]:
+    """Row offset of tap (dy, dx) in the framed, flattened layout (``_taps_layout``), tap order dy, dx."""
+    return [dy * wp + dx for dy in range(3) for dx in range(3)]
+
+
+def _conv_few_outputs(x, weight, bias):
+    """3x3 'same' convolution for fewer output channels than a native channel block (a network's
+    last layer has one per data channel): ONE GEMM of the framed input with all nine taps side by
+    side, (pixels, C) @ (C, 9 O), then the sum of nine shifted (pixels, O) slices. Nine GEMMs with
+    N = O would read the whole input nine times and the native kernel would pad O to a block;
+    here the input is read once and the shifted sum touches only 9 O numbers per pixel."""
+    b, h, w, c = x.shape
+    o = weight.shape[0]
+    flat, n, wp = _taps_layout(x)
+    y = flat @ weight.transpose(3, 1, 2, 0).reshape(c, 9 * o)  # column k o + j: tap k, output channel j
+    out = bias
+    for k, shift in enumerate(_tap_shifts(wp)):
+        out = out + y[shift: shift + n, k * o: (k + 1) * o]
+    return out.reshape(b, h + 1, wp, o)[:, :h, :w, :]
+
+
 def _conv_same(x, weight, bias):
     """3x3 'same' convolution without gradient bookkeeping: the native kernel when it is built
-    and the output has at least one channel block, else the nine shifted GEMMs."""
+    and the output has at least one channel block, else the nine shifted GEMMs (one GEMM and a
+    shifted sum for fewer outputs than a block)."""
     native = _native()
     if native is not None and weight.shape[0] >= _NATIVE_CHANNEL_BLOCK:
         return native.conv3x3(x, weight, bias)
+    if weight.shape[0] < _NATIVE_CHANNEL_BLOCK:
+        return _conv_few_outputs(x, weight, bias)
     h, w = x.shape[1], x.shape[2]
     return _conv_taps(x, weight, bias)[:, :h, :w, :]
 
@@ -241,12 +290,18 @@ def _conv3x3_vjp(primals, cotangent, output):
     native = _native()
     if native is not None and o % _NATIVE_CHANNEL_BLOCK == 0:
         return dx, native.conv3x3_weight_grad(x, g), db
-    # dW[:, dy, dx] = one GEMM of the gradient (on the framed grid, zero at the frame) with tap
-    # (dy, dx) of the framed input.
+    # dW[:, dy, dx] = the gradient (on the framed grid, zero at the frame) against tap (dy, dx) of
+    # the framed input: nine GEMMs, or for few outputs ONE GEMM of the input with the nine
+    # shifted copies of the gradient side by side (the input read once).
     g_grid = mx.pad(g, ((0, 0), (0, 1), (0, 1), (0, 0))).reshape(-1, o)
     flat, n, wp = _taps_layout(x)
+    if o < _NATIVE_CHANNEL_BLOCK:
+        rows = flat.shape[0]
+        shifted = mx.concatenate([mx.pad(g_grid, ((s, rows - n - s), (0, 0))) for s in _tap_shifts(wp)], axis=1)
+        dw = (shifted.T @ flat).reshape(3, 3, o, c).transpose(2, 0, 1, 3)
+        return dx, dw, db
     g_t = g_grid.T
-    dw = mx.stack([g_t @ flat[dy * wp + dx_: dy * wp + dx_ + n] for dy in range(3) for dx_ in range(3)], axis=1)
+    dw = mx.stack([g_t @ flat[s: s + n] for s in _tap_shifts(wp)], axis=1)
     return dx, dw.reshape(o, 3, 3, c), db
 
 
@@ -281,8 +336,23 @@ def conv3x3(x, weight, bias):
 # ----------------------------------------------------------------------------- stride-2 convolution
 
 
+def _stride2_taps(x):
+    """The im2col matrix of a 3x3, stride-2, padding-1 convolution of an even-sized x (B, H, W, C):
+    (B H/2 W/2, 9 C), tap-major (dy, dx, c) like a weight reshaped (O, 9 C)."""
+    b, h, w, c = x.shape
+    padded = mx.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return mx.concatenate([padded[:, dy: dy + h: 2, dx: dx + w: 2, :] for dy in range(3) for dx in range(3)],
+                          axis=-1).reshape(-1, 9 * c)
+
+
 @mx.custom_function
 def _conv3x3_stride2(x, weight, bias):
+    # The native kernel with a stride (the same register tiling; 3-6x MLX's own here), else MLX's
+    # own forward, which is im2col and one GEMM (written with _stride2_taps it was no faster:
+    # MLX copies the strided slices one element at a time).
+    native = _native()
+    if native is not None and weight.shape[0] >= _NATIVE_CHANNEL_BLOCK:
+        return native.conv3x3(x, weight, bias, stride=2)
     return mx.conv2d(x, weight, stride=2, padding=1) + bias
 
 
@@ -296,10 +366,7 @@ def _conv3x3_stride2_vjp(primals, cotangent, output):
     o, ho, wo = weight.shape[0], h // 2, w // 2
     g_flat = g.reshape(-1, o)
     # dW: the output gradient against the nine strided taps of the padded input (im2col, one GEMM).
-    padded = mx.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    taps = mx.concatenate([padded[:, dy: dy + 2 * ho: 2, dx: dx + 2 * wo: 2, :] for dy in range(3) for dx in range(3)],
-                          axis=-1).reshape(-1, 9 * c)
-    dw = (g_flat.T @ taps).reshape(o, 3, 3, c)
+    dw = (g_flat.T @ _stride2_taps(x)).reshape(o, 3, 3, c)
     # dx: every output pixel (i, j) sends g @ W[:, dy, dx] to padded input pixel (2i + dy, 2j + dx).
     # One GEMM gives all nine products; they land on the four row/column parities of the padded
     # input (dy = 0, 2 on even rows, the dy = 2 ones one row lower; dy = 1 on odd rows).
@@ -328,8 +395,9 @@ def _conv3x3_stride2_vjp(primals, cotangent, output):
 
 
 def conv3x3_stride2(x, weight, bias):
-    """3x3 convolution, stride 2, zero padding 1, channels last, on even-sized images: MLX's
-    forward with a written-out gradient (see ``_conv3x3_stride2_vjp``); odd sizes use MLX's own."""
+    """3x3 convolution, stride 2, zero padding 1, channels last, on even-sized images: the native
+    kernel (else MLX's forward) with a written-out gradient (see ``_conv3x3_stride2_vjp``); odd
+    sizes use MLX's own."""
     if x.shape[1] % 2 or x.shape[2] % 2:
         return mx.conv2d(x, weight, stride=2, padding=1) + bias
     return _conv3x3_stride2(x, weight, bias)

@@ -49,6 +49,11 @@ def silu(x):
     return fastops.silu(x) if fastops.enabled() else nn.silu(x)
 
 
+def softmax(x):
+    """Over the last axis."""
+    return fastops.softmax(x) if fastops.enabled() else mx.softmax(x, axis=-1)
+
+
 class GroupNorm(nn.GroupNorm):
     """torch-compatible GroupNorm that can apply SiLU in the same pass (``act=True``)."""
 
@@ -109,7 +114,7 @@ class Attention(nn.Module):
     def __call__(self, x, emb=None):
         b, h, w, c = x.shape
         q, k, v = mx.split(self.qkv(self.norm(x)).reshape(b, h * w, 3 * c), 3, axis=-1)
-        weights = mx.softmax((q @ k.transpose(0, 2, 1)) * (c ** -0.5), axis=-1)
+        weights = softmax((q @ k.transpose(0, 2, 1)) * (c ** -0.5))
         out = self.proj(weights @ v).reshape(b, h, w, c)
         return (x + out) * (1.0 / math.sqrt(2.0))
 

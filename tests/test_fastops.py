@@ -55,6 +55,34 @@ def test_silu_gradient_matches_autodiff_of_stock():
     assert mx.abs(g - ref).max().item() < 5e-6
 
 
+@pytest.mark.parametrize("scale", [1.0, 4.0, 30.0])
+def test_softmax_against_float64(scale):
+    """Weights above 1e-3 within 1e-5 relative, all as close absolutely as MLX's own softmax
+    (6e-7 here), rows summing to 1; logits far apart round the small weights to 0, not NaN."""
+    x = (scale * np.random.default_rng(int(scale)).standard_normal((64, 49, 49))).astype(np.float32)
+    xd = x.astype(np.float64)
+    e = np.exp(xd - xd.max(-1, keepdims=True))
+    ref = e / e.sum(-1, keepdims=True)
+    got = np.array(fastops.softmax(mx.array(x))).astype(np.float64)
+    stock = np.array(mx.softmax(mx.array(x), axis=-1)).astype(np.float64)
+    big = ref > 1e-3
+    assert (np.abs(got - ref)[big] / ref[big]).max() < 1e-5
+    assert np.abs(got - ref).max() <= max(1e-6, 1.5 * np.abs(stock - ref).max())
+    assert np.abs(got.sum(-1) - 1).max() < 1e-5
+    far = np.array(fastops.softmax(mx.array([[0.0, -50.0, -1e4, 2.0]])))
+    assert np.isfinite(far).all() and far[0, 1] == far[0, 2] == 0.0
+    np.testing.assert_allclose(far[0, [0, 3]], [1 / (1 + np.e ** 2), 1 / (1 + np.e ** -2)], rtol=1e-5)
+
+
+def test_softmax_gradient_matches_autodiff_of_stock():
+    x = mx.array((3.0 * np.random.default_rng(2).standard_normal((8, 49, 49))).astype(np.float32))
+    probe = mx.random.normal(x.shape)
+    g = mx.grad(lambda v: (fastops.softmax(v) * probe).sum())(x)
+    ref = mx.grad(lambda v: (mx.softmax(v, axis=-1) * probe).sum())(x)
+    assert mx.abs(g - ref).max().item() < 1e-5 * max(1.0, mx.abs(ref).max().item())
+    assert mx.abs(mx.compile(fastops.softmax)(x) - fastops.softmax(x)).max().item() < 1e-7
+
+
 def _pick_path(path, monkeypatch):
     """'native': the compiled kernels (skipped where they cannot be built); 'mlx': MLX ops only."""
     if path == "native":

@@ -67,6 +67,21 @@ def test_conv_matches_mlx_compiled_and_on_other_streams(shape, out_ch):
     assert mx.abs(other - want).max().item() < 1e-5 * scale
 
 
+@pytest.mark.parametrize("shape,out_ch", [((3, 28, 28, 32), 32), ((2, 14, 14, 64), 64), ((2, 30, 2, 5), 48),
+                                          ((1, 4, 34, 16), 17)])
+def test_stride2_conv_matches_mlx(shape, out_ch):
+    """Stride 2 (the U-Net's down-sampling): output rows of every tile size, channel tails."""
+    module = _module()
+    mx.random.seed(out_ch + 1)
+    x = mx.random.normal(shape)
+    w = 0.2 * mx.random.normal((out_ch, 3, 3, shape[3]))
+    b = mx.random.normal((out_ch,))
+    want = mx.conv2d(x, w, stride=2, padding=1) + b
+    got = module.conv3x3(x, w, b, stride=2)
+    assert got.shape == want.shape == (shape[0], shape[1] // 2, shape[2] // 2, out_ch)
+    assert mx.abs(got - want).max().item() < 1e-5 * max(1.0, mx.abs(want).max().item())
+
+
 @pytest.mark.parametrize("shape,out_ch", [((2, 28, 28, 32), 32), ((3, 14, 14, 96), 64), ((2, 7, 9, 3), 16)])
 def test_weight_gradient_matches_mlx_autodiff(shape, out_ch):
     module = _module()
@@ -98,6 +113,10 @@ def test_bad_shapes_and_dtypes_are_refused():
         module.conv3x3(x, mx.zeros((16, 3, 3, 5)), mx.zeros((16,)))
     with pytest.raises(ValueError, match="multiple of"):
         module.conv3x3_weight_grad(x, mx.zeros((1, 8, 8, 17)))
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        module.conv3x3(x, mx.zeros((16, 3, 3, 4)), mx.zeros((16,)), stride=3)
+    with pytest.raises(ValueError, match="even height and width"):
+        module.conv3x3(mx.zeros((1, 7, 8, 4)), mx.zeros((16, 3, 3, 4)), mx.zeros((16,)), stride=2)
     with pytest.raises(ValueError, match="float32"):
         module.conv3x3(x.astype(mx.float16), mx.zeros((16, 3, 3, 4), dtype=mx.float16),
                        mx.zeros((16,), dtype=mx.float16))
@@ -159,6 +178,9 @@ def test_every_variant_matches_mlx_forward_and_gradients(isa):
     b = mx.random.normal((48,))
     want = mx.conv2d(x, w, padding=1) + b
     assert mx.abs(module.conv3x3(x, w, b) - want).max().item() < 1e-5 * mx.abs(want).max().item()
+    x2 = x[:, :8, :12]  # stride 2 needs even sizes
+    want2 = mx.conv2d(x2, w, stride=2, padding=1) + b
+    assert mx.abs(module.conv3x3(x2, w, b, stride=2) - want2).max().item() < 1e-5 * mx.abs(want2).max().item()
     g = mx.random.normal(want.shape)
     dw = mx.grad(lambda w: (mx.conv2d(x, w, padding=1) * g).sum())(w)
     assert mx.abs(module.conv3x3_weight_grad(x, g) - dw).max().item() < 1e-5 * mx.abs(dw).max().item()

@@ -4,6 +4,7 @@ fast path vs the native kernels vs torch eager, one thread, in one run.
     python tools/bench_layers.py              # batch 64, 7 repeats (docs/performance.md)
     python tools/bench_layers.py --batch 8 --repeats 3
     python tools/bench_layers.py --emulate-avx2   # every library held to AVX2 (tools/benchmark.py)
+    python tools/bench_layers.py --plan --batch 32  # every layer of the shipped network, by kind
 
 Prints a markdown table of median milliseconds (forward; then forward + backward for the
 convolutions) and GFLOP/s of the native convolution. One thread everywhere: MLX on a single
@@ -51,6 +52,9 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--emulate-avx2", action="store_true", help="hold every library to AVX2 (onnxruntime excepted)")
+    p.add_argument("--plan", action="store_true",
+                   help="instead: every body layer of the shipped network (its own shapes, the sampler's forward "
+                        "path), MLX (as the sampler runs it) vs torch, summed by layer kind")
     args = p.parse_args()
     configure_cpu()  # one stream, one BLAS thread (the environment above)
     import torch
@@ -62,6 +66,12 @@ def main():
 
         raise SystemExit(f"the native kernels are unavailable: {native_module.status().detail}")
     b, r = args.batch, args.repeats
+    if args.plan:
+        print(machine_stamp() + f" Native kernels: {native.isa}.\n")
+        print(f"Batch {b}, one thread, median ms over {r} rounds (python tools/bench_layers.py --plan --batch {b} "
+              f"--repeats {r}{' --emulate-avx2' if args.emulate_avx2 else ''}):\n")
+        print("\n".join(plan_rows(b, r)))
+        return
 
     def mlx_paths(native_on: bool):
         fastops._native = (lambda: native) if native_on else (lambda: None)
@@ -134,6 +144,64 @@ def stride2_rows(b: int, r: int) -> list[str]:
             conv(tx).sum().backward()
         rows.append(f"| conv {size}², {c}→{c} stride 2 fwd+bwd | {stock:.1f} | {fast:.1f} | {fast:.1f} | "
                     f"{median_ms(torch_step, r):.1f} | – |")
+    return rows
+
+
+def plan_rows(b: int, r: int) -> list[str]:
+    """Each body layer of the shipped network on its own input shape, forward, MLX (compiled, the
+    fast path as the sampler runs it) vs torch (channels-last, inference mode), one thread; then
+    the sums per layer kind. Every layer of both frameworks is timed once per round (median of 3
+    calls) and a cell is the median over ``r`` rounds, so a load that comes and goes hits both
+    sides alike. Where MLX's share is larger than torch's is where the whole-network gap is."""
+    import statistics
+
+    import torch
+
+    from hold_mlx.model import load
+    from hold_mlx.netplan import find_layer
+    from hold_mlx.nets import _concat_channels
+
+    model, tmodel = load(), load(None, "torch")
+    net, tnet, plan = model.net, tmodel.net, model.net.plan
+    emb, temb = mx.random.normal((b, plan.emb_dim)), torch.randn(b, plan.emb_dim)
+    cases = []  # (layer, kind, mlx call, torch call)
+    for layer in plan.body:
+        c_in, size, skip = layer.c_in, layer.size, layer.skip_in
+        # a layer that pops a skip is timed with the concatenation run_body does before it
+        parts = [mx.random.normal((b, size, size, c_in - skip))] + ([mx.random.normal((b, size, size, skip))]
+                                                                    if skip else [])
+        tparts = [torch.randn(b, p.shape[3], size, size).to(memory_format=torch.channels_last) for p in parts]
+        mx.eval(*parts, emb)
+
+        def mlx_layer(*xs, layer=layer):
+            return net.run_layer(layer, _concat_channels(*xs) if len(xs) > 1 else xs[0], emb)
+        # the layer's own parameters as the compiled inputs (the whole net's would add the cost of
+        # flattening every parameter of the network to each layer's call)
+        step = mx.compile(mlx_layer, inputs=[find_layer(net, layer)])
+
+        def torch_layer(layer=layer, tparts=tparts):
+            with torch.inference_mode():
+                x = torch.cat(tparts, 1) if len(tparts) > 1 else tparts[0]
+                tnet.run_layer(layer, x, temb)
+        cases.append((layer, layer.kind + (" + concat" if skip else ""),
+                      lambda step=step, parts=parts: mx.eval(step(*parts)), torch_layer))
+    times = [([], []) for _ in cases]
+    for _ in range(r):
+        for (_, _, run_mlx, run_torch), (t_mlx, t_torch) in zip(cases, times):
+            t_mlx.append(median_ms(run_mlx, 3))
+            t_torch.append(median_ms(run_torch, 3))
+    rows = ["| layer | kind | input (H², C) | MLX | torch | MLX / torch |", "|---|---|---|---|---|---|"]
+    by_kind: dict = {}
+    for (layer, kind, _, _), (t_mlx, t_torch) in zip(cases, times):
+        m, t = statistics.median(t_mlx), statistics.median(t_torch)
+        totals = by_kind.setdefault(kind, [0.0, 0.0, 0])
+        totals[0], totals[1], totals[2] = totals[0] + m, totals[1] + t, totals[2] + 1
+        rows.append(f"| {layer.name} | {kind} | {layer.size}², {layer.c_in} | {m:.2f} | {t:.2f} | {m / t:.2f} |")
+    rows += ["", "| kind | layers | MLX | torch | MLX / torch |", "|---|---|---|---|---|"]
+    for kind, (m, t, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        rows.append(f"| {kind} | {count} | {m:.1f} | {t:.1f} | {m / t:.2f} |")
+    total_mlx, total_torch = sum(v[0] for v in by_kind.values()), sum(v[1] for v in by_kind.values())
+    rows.append(f"| **all** | {len(plan.body)} | {total_mlx:.1f} | {total_torch:.1f} | {total_mlx / total_torch:.2f} |")
     return rows
 
 

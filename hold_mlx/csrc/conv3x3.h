@@ -1,4 +1,4 @@
-// Direct 3x3 convolution, stride 1, zero padding 1, channels last (NHWC), float32.
+// Direct 3x3 convolution, stride 1 or 2, zero padding 1, channels last (NHWC), float32.
 //
 // Why not im2col + GEMM: with 32-64 output channels the GEMM is skinny and BLAS reaches about
 // half of the core's FMA rate; here the output tile stays in registers instead. A tile is NP
@@ -42,14 +42,15 @@ inline void with_tile_size(int n, F&& f) {
   }
 }
 
-// out[p, :] = bias + sum over taps (dy, dx) and channels c of src[dy, p + dx, c] * w[dy, dx, c, :]
+// out[p, :] = bias + sum over taps (dy, dx) and channels c of src[dy, stride p + dx, c] * w[dy, dx, c, :]
 // for NP pixels p and NV * kLanes output channels. `src` is the framed input at the tile's
-// first pixel; `w` is (9, C, o_pitch) with this tile's channels first (o_pitch = the block); `o_valid` channels are
-// written to `dst` (pixel pitch `o_pitch_out`).
+// first pixel; `pixel_step` = stride * C floats between the tile's pixels; `w` is (9, C, o_pitch) with this
+// tile's channels first (o_pitch = the block); `o_valid` channels are written to `dst` (pixel pitch
+// `o_pitch_out`). A stride only changes which input values are broadcast, not the register tiling.
 template <int NP, int NV>
-inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pitch, const float* __restrict w,
-                      int o_pitch, const float* __restrict bias, float* __restrict dst, int o_valid,
-                      int o_pitch_out) {
+inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t pixel_step, std::ptrdiff_t row_pitch,
+                      const float* __restrict w, int o_pitch, const float* __restrict bias, float* __restrict dst,
+                      int o_valid, int o_pitch_out) {
   vec acc[NP][NV];
   for (int v = 0; v < NV; ++v) {
     const vec b = load(bias + v * kLanes);
@@ -63,7 +64,7 @@ inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pit
         vec wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = load(wt + c * o_pitch + v * kLanes);
         for (int p = 0; p < NP; ++p) {
-          const float x = s[p * C + c];
+          const float x = s[p * pixel_step + c];
           for (int v = 0; v < NV; ++v) acc[p][v] += x * wv[v];
         }
       }
@@ -79,17 +80,17 @@ inline void conv_tile(const float* __restrict src, int C, std::ptrdiff_t row_pit
   }
 }
 
-// One output row: full tiles of kMaxPixels, then one shorter tile for the rest.
+// One output row of W pixels: full tiles of kMaxPixels, then one shorter tile for the rest.
 template <int NV>
-inline void conv_row(const float* src, int C, std::ptrdiff_t row_pitch, const float* w, int o_pitch,
-                     const float* bias, float* dst, int o_valid, int o_pitch_out, int W) {
+inline void conv_row(const float* src, int C, std::ptrdiff_t pixel_step, std::ptrdiff_t row_pitch, const float* w,
+                     int o_pitch, const float* bias, float* dst, int o_valid, int o_pitch_out, int W) {
   int x = 0;
   for (; x + kMaxPixels <= W; x += kMaxPixels)
-    conv_tile<kMaxPixels, NV>(src + x * C, C, row_pitch, w, o_pitch, bias, dst + x * o_pitch_out, o_valid,
-                              o_pitch_out);
+    conv_tile<kMaxPixels, NV>(src + x * pixel_step, C, pixel_step, row_pitch, w, o_pitch, bias,
+                              dst + x * o_pitch_out, o_valid, o_pitch_out);
   with_tile_size(W - x, [&](auto n) {
-    conv_tile<decltype(n)::value, NV>(src + x * C, C, row_pitch, w, o_pitch, bias, dst + x * o_pitch_out, o_valid,
-                                      o_pitch_out);
+    conv_tile<decltype(n)::value, NV>(src + x * pixel_step, C, pixel_step, row_pitch, w, o_pitch, bias,
+                                      dst + x * o_pitch_out, o_valid, o_pitch_out);
   });
 }
 
@@ -101,9 +102,10 @@ inline int conv_band_rows(int H, std::ptrdiff_t row_pitch, std::size_t weight_fl
   return std::max(1, std::min(H, int(std::min<std::size_t>(rows, std::size_t(H) + 2)) - 2));
 }
 
-// x (B, H, W, C), weight (O, 3, 3, C) (MLX's layout), bias (O), out (B, H, W, O); all contiguous.
+// x (B, H, W, C), weight (O, 3, 3, C) (MLX's layout), bias (O), out (B, H / stride, W / stride, O); all
+// contiguous. stride 1 or 2 (2: H and W even, output pixel (y, x) centred on input pixel (2y, 2x)).
 inline void conv3x3(const float* x, const float* weight, const float* bias, float* out, int B, int H, int W,
-                    int C, int O) {
+                    int C, int O, int stride = 1) {
   constexpr int kBlock = 2 * kLanes;  // output channels per pass over an image
   const int o_pitch = (O + kBlock - 1) / kBlock * kBlock;
   // Weights to (O block, tap, C, kBlock) with O zero-padded to whole blocks: a tile streams its
@@ -120,24 +122,27 @@ inline void conv3x3(const float* x, const float* weight, const float* bias, floa
   const int Wf = W + 2;
   const std::ptrdiff_t row_pitch = std::ptrdiff_t(Wf) * C;
   framed.assign(std::size_t(H + 2) * row_pitch, 0.f);  // the frame stays zero; the inside is overwritten
-  const int band = conv_band_rows(H, row_pitch, std::size_t(9) * C * o_pitch);
+  const int Ho = H / stride, Wo = W / stride;
+  const std::ptrdiff_t pixel_step = std::ptrdiff_t(stride) * C;
+  // an output row reads `stride` times the input rows: budget the band by that pitch
+  const int band = conv_band_rows(Ho, stride * row_pitch, std::size_t(9) * C * o_pitch);
   for (int n = 0; n < B; ++n) {
     const float* xn = x + std::size_t(n) * H * W * C;
     for (int y = 0; y < H; ++y)
       std::memcpy(&framed[(y + 1) * row_pitch + C], xn + std::size_t(y) * W * C, std::size_t(W) * C * sizeof(float));
-    float* on = out + std::size_t(n) * H * W * O;
-    for (int y0 = 0; y0 < H; y0 += band) {
-      const int y1 = std::min(H, y0 + band);
+    float* on = out + std::size_t(n) * Ho * Wo * O;
+    for (int y0 = 0; y0 < Ho; y0 += band) {
+      const int y1 = std::min(Ho, y0 + band);
       for (int o0 = 0; o0 < O; o0 += kBlock) {
         const int o_valid = std::min(kBlock, O - o0);
         for (int y = y0; y < y1; ++y) {
-          const float* s = &framed[y * row_pitch];
-          float* d = on + std::size_t(y) * W * O + o0;
+          const float* s = &framed[std::ptrdiff_t(stride) * y * row_pitch];
+          float* d = on + std::size_t(y) * Wo * O + o0;
           const float* wb = w.data() + std::size_t(o0) * 9 * C;  // block o0 / kBlock
           if (o_valid > kLanes)
-            conv_row<2>(s, C, row_pitch, wb, kBlock, b.data() + o0, d, o_valid, O, W);
+            conv_row<2>(s, C, pixel_step, row_pitch, wb, kBlock, b.data() + o0, d, o_valid, O, Wo);
           else
-            conv_row<1>(s, C, row_pitch, wb, kBlock, b.data() + o0, d, o_valid, O, W);
+            conv_row<1>(s, C, pixel_step, row_pitch, wb, kBlock, b.data() + o0, d, o_valid, O, Wo);
         }
       }
     }

@@ -99,6 +99,16 @@ struct Conv3x3Body {
 };
 using Conv3x3 = StatelessPrimitive<Conv3x3Body>;
 
+struct Conv3x3Stride2Body {
+  static constexpr const char* name = "HoldConv3x3Stride2";
+  static void run(std::vector<mx::array>& in, mx::array& out) {
+    const auto& x = in[0];
+    hold_native::conv3x3(x.data<float>(), in[1].data<float>(), in[2].data<float>(), out.data<float>(), x.shape(0),
+                         x.shape(1), x.shape(2), x.shape(3), in[1].shape(0), 2);
+  }
+};
+using Conv3x3Stride2 = StatelessPrimitive<Conv3x3Stride2Body>;
+
 struct Conv3x3WeightGradBody {
   static constexpr const char* name = "HoldConv3x3WeightGrad";
   static void run(std::vector<mx::array>& in, mx::array& out) {
@@ -178,17 +188,26 @@ std::string shape_str(const mx::array& a) {
   return s + ")";
 }
 
-mx::array conv3x3(const mx::array& x, const mx::array& weight, const mx::array& bias, mx::StreamOrDevice s) {
+mx::array conv3x3(const mx::array& x, const mx::array& weight, const mx::array& bias, int stride,
+                  mx::StreamOrDevice s) {
   if (x.ndim() != 4 || weight.ndim() != 4 || bias.ndim() != 1 || weight.shape(1) != 3 || weight.shape(2) != 3 ||
       weight.shape(3) != x.shape(3) || bias.shape(0) != weight.shape(0))
     throw std::invalid_argument("conv3x3: expected x (B, H, W, C), weight (O, 3, 3, C), bias (O,); got " +
                                 shape_str(x) + ", " + shape_str(weight) + ", " + shape_str(bias));
+  if (stride != 1 && stride != 2) throw std::invalid_argument("conv3x3: stride must be 1 or 2");
+  if (stride == 2 && (x.shape(1) % 2 || x.shape(2) % 2))
+    throw std::invalid_argument("conv3x3: stride 2 needs an even height and width; got " + shape_str(x));
   if (x.dtype() != mx::float32 || weight.dtype() != mx::float32 || bias.dtype() != mx::float32)
     throw std::invalid_argument("conv3x3: float32 arrays only");
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu) throw std::invalid_argument("conv3x3: needs a CPU stream");
-  return mx::array({x.shape(0), x.shape(1), x.shape(2), weight.shape(0)}, mx::float32,
-                   std::make_shared<Conv3x3>(stream),
+  std::shared_ptr<mx::Primitive> primitive;
+  if (stride == 2)
+    primitive = std::make_shared<Conv3x3Stride2>(stream);
+  else
+    primitive = std::make_shared<Conv3x3>(stream);
+  return mx::array({x.shape(0), x.shape(1) / stride, x.shape(2) / stride, weight.shape(0)}, mx::float32,
+                   std::move(primitive),
                    {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream),
                     mx::contiguous(bias, false, stream)});
 }
@@ -260,8 +279,9 @@ NB_MODULE(HOLD_MODULE, m) {
     return std::make_tuple(sizes.l1d, sizes.l2);
   }, "(L1 data, L2) cache bytes the kernels block for, as the machine reports them.");
   m.def("conv3x3", &conv3x3, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::kw_only(),
-        nb::arg("stream") = nb::none(),
-        "3x3 convolution, stride 1, zero padding 1: x (B, H, W, C), weight (O, 3, 3, C), bias (O,).");
+        nb::arg("stride") = 1, nb::arg("stream") = nb::none(),
+        "3x3 convolution, stride 1 or 2 (even sizes), zero padding 1: x (B, H, W, C), weight (O, 3, 3, C), "
+        "bias (O,) -> (B, H / stride, W / stride, O).");
   m.def("conv3x3_weight_grad", &conv3x3_weight_grad, nb::arg("x"), nb::arg("grad"), nb::kw_only(),
         nb::arg("stream") = nb::none(),
         "Gradient of conv3x3's weight: x (B, H, W, C), grad (B, H, W, O) -> (O, 3, 3, C).");
