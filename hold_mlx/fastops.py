@@ -243,18 +243,19 @@ def _tap_shifts(wp: int) -> list[int]:
 
 def _conv_few_outputs(x, weight, bias):
     """3x3 'same' convolution for fewer output channels than a native channel block (a network's
-    last layer has one per data channel): ONE GEMM of the framed input with all nine taps side by
-    side, (pixels, C) @ (C, 9 O), then the sum of nine shifted (pixels, O) slices. Nine GEMMs with
-    N = O would read the whole input nine times and the native kernel would pad O to a block;
-    here the input is read once and the shifted sum touches only 9 O numbers per pixel."""
+    last layer has one per data channel): ONE GEMM of all nine taps side by side with the framed
+    input, (9 O, C) @ (C, pixels), then the sum of nine shifted (O, pixels) row blocks (contiguous
+    rows, so the fused sum vectorises). Nine GEMMs with N = O would read the whole input nine
+    times and the native kernel would pad O to a block; here the input is read once."""
     b, h, w, c = x.shape
     o = weight.shape[0]
     flat, n, wp = _taps_layout(x)
-    y = flat @ weight.transpose(3, 1, 2, 0).reshape(c, 9 * o)  # column k o + j: tap k, output channel j
-    out = bias
+    y = weight.transpose(1, 2, 0, 3).reshape(9 * o, c) @ flat.T  # row k o + j: tap k, output channel j
+    out = None
     for k, shift in enumerate(_tap_shifts(wp)):
-        out = out + y[shift: shift + n, k * o: (k + 1) * o]
-    return out.reshape(b, h + 1, wp, o)[:, :h, :w, :]
+        part = y[k * o: (k + 1) * o, shift: shift + n]
+        out = part if out is None else out + part
+    return (out.T + bias).reshape(b, h + 1, wp, o)[:, :h, :w, :]
 
 
 def _conv_same(x, weight, bias):
