@@ -83,6 +83,32 @@ def test_softmax_gradient_matches_autodiff_of_stock():
     assert mx.abs(mx.compile(fastops.softmax)(x) - fastops.softmax(x)).max().item() < 1e-7
 
 
+def test_custom_gradients_run_on_the_stream_of_their_forward():
+    """MLX runs a custom VJP on the default stream; fastops' wrapper moves it to the stream the
+    forward ran on (a training step's batch pieces each run on their own stream and core)."""
+    seen = []
+
+    def backward(primals, cotangent, output):
+        seen.append(repr(mx.default_stream(mx.cpu)))
+        return (3.0 * fastops._single(cotangent),)
+
+    triple = fastops._custom_vjp(lambda x: 3.0 * x, backward)
+    streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+
+    def loss(x):
+        total = 0.0
+        for stream, piece in zip(streams, (x[:2], x[2:])):
+            with mx.stream(stream):
+                total = total + triple(piece).sum()
+        return total
+
+    grad = mx.grad(loss)(mx.ones((4,)))
+    assert mx.array_equal(grad, mx.full((4,), 3.0)).item()
+    assert sorted(seen) == sorted(repr(s) for s in streams)
+    for op in (fastops.silu, fastops.softmax, fastops._conv3x3, fastops._conv3x3_stride2):
+        assert hasattr(op, "__wrapped__"), op  # built by _custom_vjp
+
+
 def _pick_path(path, monkeypatch):
     """'native': the compiled kernels (skipped where they cannot be built); 'mlx': MLX ops only."""
     if path == "native":

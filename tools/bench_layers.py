@@ -55,6 +55,7 @@ def main():
     p.add_argument("--plan", action="store_true",
                    help="instead: every body layer of the shipped network (its own shapes, the sampler's forward "
                         "path), MLX (as the sampler runs it) vs torch, summed by layer kind")
+    p.add_argument("--grad", action="store_true", help="with --plan: forward + backward (what training runs)")
     args = p.parse_args()
     configure_cpu()  # one stream, one BLAS thread (the environment above)
     import torch
@@ -68,9 +69,10 @@ def main():
     b, r = args.batch, args.repeats
     if args.plan:
         print(machine_stamp() + f" Native kernels: {native.isa}.\n")
-        print(f"Batch {b}, one thread, median ms over {r} rounds (python tools/bench_layers.py --plan --batch {b} "
-              f"--repeats {r}{' --emulate-avx2' if args.emulate_avx2 else ''}):\n")
-        print("\n".join(plan_rows(b, r)))
+        print(f"Batch {b}, one thread, {'forward + backward' if args.grad else 'forward'}, median ms over {r} rounds "
+              f"(python tools/bench_layers.py --plan{' --grad' if args.grad else ''} --batch {b} --repeats {r}"
+              f"{' --emulate-avx2' if args.emulate_avx2 else ''}):\n")
+        print("\n".join(plan_rows(b, r, args.grad)))
         return
 
     def mlx_paths(native_on: bool):
@@ -147,9 +149,10 @@ def stride2_rows(b: int, r: int) -> list[str]:
     return rows
 
 
-def plan_rows(b: int, r: int) -> list[str]:
-    """Each body layer of the shipped network on its own input shape, forward, MLX (compiled, the
-    fast path as the sampler runs it) vs torch (channels-last, inference mode), one thread; then
+def plan_rows(b: int, r: int, grad: bool = False) -> list[str]:
+    """Each body layer of the shipped network on its own input shape, forward (``grad``: forward
+    and backward, the gradients of the input, the embedding and the layer's parameters, as
+    training needs them), MLX (compiled, the fast path) vs torch (channels-last), one thread; then
     the sums per layer kind. Every layer of both frameworks is timed once per round (median of 3
     calls) and a cell is the median over ``r`` rounds, so a load that comes and goes hits both
     sides alike. Where MLX's share is larger than torch's is where the whole-network gap is."""
@@ -173,16 +176,37 @@ def plan_rows(b: int, r: int) -> list[str]:
         tparts = [torch.randn(b, p.shape[3], size, size).to(memory_format=torch.channels_last) for p in parts]
         mx.eval(*parts, emb)
 
-        def mlx_layer(*xs, layer=layer):
-            return net.run_layer(layer, _concat_channels(*xs) if len(xs) > 1 else xs[0], emb)
-        # the layer's own parameters as the compiled inputs (the whole net's would add the cost of
-        # flattening every parameter of the network to each layer's call)
-        step = mx.compile(mlx_layer, inputs=[find_layer(net, layer)])
+        module, tmodule = find_layer(net, layer), find_layer(tnet, layer)
 
-        def torch_layer(layer=layer, tparts=tparts):
-            with torch.inference_mode():
+        def mlx_layer(*xs, layer=layer, emb=emb):
+            return net.run_layer(layer, _concat_channels(*xs) if len(xs) > 1 else xs[0], emb)
+        if grad:
+            probe = mx.random.normal(mlx_layer(*parts).shape)
+            tprobe = torch.randn(probe.shape[0], probe.shape[3], probe.shape[1], probe.shape[2])
+            mx.eval(probe)
+
+            def mlx_loss(params, e, *xs, module=module, layer=layer, probe=probe):
+                module.update(params)
+                return (net.run_layer(layer, _concat_channels(*xs) if len(xs) > 1 else xs[0], e) * probe).sum()
+            value_grad = mx.value_and_grad(mlx_loss, argnums=tuple(range(2 + len(parts))))
+            # the layer's own parameters as the compiled inputs (the whole net's would add the cost
+            # of flattening every parameter of the network to each layer's call)
+            step = mx.compile(lambda *xs, module=module, vg=value_grad: vg(module.trainable_parameters(), emb, *xs),
+                              inputs=[module], outputs=[module])
+            tparts = [p.requires_grad_(True) for p in tparts]
+            temb_grad = temb.clone().requires_grad_(True)
+
+            def torch_layer(layer=layer, tparts=tparts, tmodule=tmodule, tprobe=tprobe, temb_grad=temb_grad):
+                tmodule.zero_grad()
                 x = torch.cat(tparts, 1) if len(tparts) > 1 else tparts[0]
-                tnet.run_layer(layer, x, temb)
+                (tnet.run_layer(layer, x, temb_grad) * tprobe).sum().backward()
+        else:
+            step = mx.compile(mlx_layer, inputs=[module])
+
+            def torch_layer(layer=layer, tparts=tparts):
+                with torch.inference_mode():
+                    x = torch.cat(tparts, 1) if len(tparts) > 1 else tparts[0]
+                    tnet.run_layer(layer, x, temb)
         cases.append((layer, layer.kind + (" + concat" if skip else ""),
                       lambda step=step, parts=parts: mx.eval(step(*parts)), torch_layer))
     times = [([], []) for _ in cases]
