@@ -24,7 +24,8 @@ import sys
 
 from ._mlx import mx
 
-__all__ = ["enabled", "tanh", "sigmoid", "silu", "softmax", "group_norm"]
+__all__ = ["enabled", "tanh", "sigmoid", "silu", "softmax", "group_norm", "conv3x3", "conv3x3_stride2",
+           "upsample_conv3x3"]
 
 
 def enabled() -> bool:
@@ -360,6 +361,40 @@ def conv3x3(x, weight, bias):
     if _native() is None and min(x.shape[1:3]) < 8:
         return mx.conv2d(x, weight, padding=1) + bias
     return _conv3x3(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------- upsampling convolution
+
+
+def _upsample2(x):
+    """Nearest-neighbour 2x upsampling of channels-last x."""
+    b, h, w, c = x.shape
+    return mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+
+
+def _upsample_conv_forward(x, weight, bias):
+    return _native().upsample_conv3x3(x, weight, bias)
+
+
+def _upsample_conv_vjp(primals, cotangent, output):
+    # the convolution's gradient on the upsampled image, then each 2x2 block of dx summed back
+    x, weight, bias = primals
+    b, h, w, c = x.shape
+    du, dw, db = _conv3x3_vjp((_upsample2(x), weight, bias), cotangent, None)
+    return du.reshape(b, h, 2, w, 2, c).sum(axis=(2, 4)), dw, db
+
+
+_upsample_conv = _custom_vjp(_upsample_conv_forward, _upsample_conv_vjp)
+
+
+def upsample_conv3x3(x, weight, bias):
+    """conv3x3 of the nearest 2x upsampling of x (the U-Net's Upsample layer): (B, H, W, C) ->
+    (B, 2H, 2W, O). The native kernel computes it from x directly: each of the four output pixel
+    parities is a 2x2 convolution with summed taps, 16 instead of 36 multiply-adds per input pixel
+    and output channel, and the 4x image is never written; else the upsampling and conv3x3."""
+    if _native() is not None and weight.shape[0] >= _NATIVE_CHANNEL_BLOCK:
+        return _upsample_conv(x, weight, bias)
+    return conv3x3(_upsample2(x), weight, bias)
 
 
 # ----------------------------------------------------------------------------- stride-2 convolution

@@ -188,6 +188,8 @@ def _self_check(module) -> None:
             "conv3x3": mx.abs(module.conv3x3(x, w, b) - (mx.conv2d(x, w, padding=1) + b)).max().item(),
             "conv3x3 stride 2": mx.abs(module.conv3x3(x[:, :4, :6], w, b, stride=2)
                                        - (mx.conv2d(x[:, :4, :6], w, stride=2, padding=1) + b)).max().item(),
+            "upsample_conv3x3": mx.abs(module.upsample_conv3x3(x, w, b) - (mx.conv2d(
+                mx.repeat(mx.repeat(x, 2, axis=1), 2, axis=2), w, padding=1) + b)).max().item(),
             "conv3x3_weight_grad": mx.abs(module.conv3x3_weight_grad(x, x[..., :1] * b[:16]) - mx.grad(
                 lambda w: (mx.conv2d(x, w, padding=1) * x[..., :1] * b[:16]).sum())(w[:16])).max().item(),
             "group_norm": mx.abs(module.group_norm(x, b[:4], w[0, 0, 0], 2, 1e-6)

@@ -105,7 +105,7 @@ def test_custom_gradients_run_on_the_stream_of_their_forward():
     grad = mx.grad(loss)(mx.ones((4,)))
     assert mx.array_equal(grad, mx.full((4,), 3.0)).item()
     assert sorted(seen) == sorted(repr(s) for s in streams)
-    for op in (fastops.silu, fastops.softmax, fastops._conv3x3, fastops._conv3x3_stride2):
+    for op in (fastops.silu, fastops.softmax, fastops._conv3x3, fastops._conv3x3_stride2, fastops._upsample_conv):
         assert hasattr(op, "__wrapped__"), op  # built by _custom_vjp
 
 
@@ -187,6 +187,18 @@ def test_conv3x3_stride2_matches_mlx_conv_with_gradients(shape, out_ch):
     mx.random.seed(sum(shape) + 1)
     assert_conv_and_gradients_match(fastops.conv3x3_stride2, lambda x, w: mx.conv2d(x, w, stride=2, padding=1),
                                     shape, out_ch)
+
+
+@pytest.mark.parametrize("path", ["native", "mlx"])
+@pytest.mark.parametrize("shape,out_ch", [((2, 7, 7, 64), 64), ((3, 5, 9, 16), 48), ((2, 4, 6, 8), 4)])
+def test_upsample_conv_matches_mlx_with_gradients(shape, out_ch, path, monkeypatch):
+    """The U-Net's Upsample (nearest 2x, then conv3x3): values and the three gradients."""
+    _pick_path(path, monkeypatch)
+    mx.random.seed(sum(shape) + 2)
+
+    def upsample_then_conv(x, w):
+        return mx.conv2d(mx.repeat(mx.repeat(x, 2, axis=1), 2, axis=2), w, padding=1)
+    assert_conv_and_gradients_match(fastops.upsample_conv3x3, upsample_then_conv, shape, out_ch)
 
 
 def test_switch_follows_environment(monkeypatch):

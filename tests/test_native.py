@@ -82,6 +82,25 @@ def test_stride2_conv_matches_mlx(shape, out_ch):
     assert mx.abs(got - want).max().item() < 1e-5 * max(1.0, mx.abs(want).max().item())
 
 
+def _upsampled(x):
+    return mx.repeat(mx.repeat(x, 2, axis=1), 2, axis=2)
+
+
+@pytest.mark.parametrize("shape,out_ch", [((2, 7, 7, 64), 64), ((2, 14, 14, 64), 64), ((3, 5, 9, 16), 48),
+                                          ((1, 3, 17, 8), 17)])
+def test_upsample_conv_matches_mlx(shape, out_ch):
+    """conv3x3 of the 2x nearest upsampling, computed per output parity from the small image."""
+    module = _module()
+    mx.random.seed(out_ch + 2)
+    x = mx.random.normal(shape)
+    w = 0.2 * mx.random.normal((out_ch, 3, 3, shape[3]))
+    b = mx.random.normal((out_ch,))
+    want = mx.conv2d(_upsampled(x), w, padding=1) + b
+    got = module.upsample_conv3x3(x, w, b)
+    assert got.shape == want.shape == (shape[0], 2 * shape[1], 2 * shape[2], out_ch)
+    assert mx.abs(got - want).max().item() < 2e-6 * max(1.0, mx.abs(want).max().item()) * shape[3] ** 0.5
+
+
 @pytest.mark.parametrize("shape,out_ch", [((2, 28, 28, 32), 32), ((3, 14, 14, 96), 64), ((2, 7, 9, 3), 16)])
 def test_weight_gradient_matches_mlx_autodiff(shape, out_ch):
     module = _module()
@@ -178,6 +197,9 @@ def test_every_variant_matches_mlx_forward_and_gradients(isa):
     b = mx.random.normal((48,))
     want = mx.conv2d(x, w, padding=1) + b
     assert mx.abs(module.conv3x3(x, w, b) - want).max().item() < 1e-5 * mx.abs(want).max().item()
+    up = module.upsample_conv3x3(x, w, b)
+    want_up = mx.conv2d(_upsampled(x), w, padding=1) + b
+    assert mx.abs(up - want_up).max().item() < 1e-5 * mx.abs(want_up).max().item()
     x2 = x[:, :8, :12]  # stride 2 needs even sizes
     want2 = mx.conv2d(x2, w, stride=2, padding=1) + b
     assert mx.abs(module.conv3x3(x2, w, b, stride=2) - want2).max().item() < 1e-5 * mx.abs(want2).max().item()

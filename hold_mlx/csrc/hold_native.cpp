@@ -109,6 +109,16 @@ struct Conv3x3Stride2Body {
 };
 using Conv3x3Stride2 = StatelessPrimitive<Conv3x3Stride2Body>;
 
+struct UpsampleConv3x3Body {
+  static constexpr const char* name = "HoldUpsampleConv3x3";
+  static void run(std::vector<mx::array>& in, mx::array& out) {
+    const auto& x = in[0];
+    hold_native::upsample_conv3x3(x.data<float>(), in[1].data<float>(), in[2].data<float>(), out.data<float>(),
+                                  x.shape(0), x.shape(1), x.shape(2), x.shape(3), in[1].shape(0));
+  }
+};
+using UpsampleConv3x3 = StatelessPrimitive<UpsampleConv3x3Body>;
+
 struct Conv3x3WeightGradBody {
   static constexpr const char* name = "HoldConv3x3WeightGrad";
   static void run(std::vector<mx::array>& in, mx::array& out) {
@@ -212,6 +222,22 @@ mx::array conv3x3(const mx::array& x, const mx::array& weight, const mx::array& 
                     mx::contiguous(bias, false, stream)});
 }
 
+mx::array upsample_conv3x3(const mx::array& x, const mx::array& weight, const mx::array& bias,
+                           mx::StreamOrDevice s) {
+  if (x.ndim() != 4 || weight.ndim() != 4 || bias.ndim() != 1 || weight.shape(1) != 3 || weight.shape(2) != 3 ||
+      weight.shape(3) != x.shape(3) || bias.shape(0) != weight.shape(0))
+    throw std::invalid_argument("upsample_conv3x3: expected x (B, H, W, C), weight (O, 3, 3, C), bias (O,); got " +
+                                shape_str(x) + ", " + shape_str(weight) + ", " + shape_str(bias));
+  if (x.dtype() != mx::float32 || weight.dtype() != mx::float32 || bias.dtype() != mx::float32)
+    throw std::invalid_argument("upsample_conv3x3: float32 arrays only");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("upsample_conv3x3: needs a CPU stream");
+  return mx::array({x.shape(0), 2 * x.shape(1), 2 * x.shape(2), weight.shape(0)}, mx::float32,
+                   std::make_shared<UpsampleConv3x3>(stream),
+                   {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream),
+                    mx::contiguous(bias, false, stream)});
+}
+
 mx::array conv3x3_weight_grad(const mx::array& x, const mx::array& grad, mx::StreamOrDevice s) {
   if (x.ndim() != 4 || grad.ndim() != 4 || grad.shape(0) != x.shape(0) || grad.shape(1) != x.shape(1) ||
       grad.shape(2) != x.shape(2))
@@ -282,6 +308,9 @@ NB_MODULE(HOLD_MODULE, m) {
         nb::arg("stride") = 1, nb::arg("stream") = nb::none(),
         "3x3 convolution, stride 1 or 2 (even sizes), zero padding 1: x (B, H, W, C), weight (O, 3, 3, C), "
         "bias (O,) -> (B, H / stride, W / stride, O).");
+  m.def("upsample_conv3x3", &upsample_conv3x3, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::kw_only(),
+        nb::arg("stream") = nb::none(),
+        "conv3x3 (stride 1, padding 1) of the nearest 2x upsampling of x (B, H, W, C) -> (B, 2H, 2W, O).");
   m.def("conv3x3_weight_grad", &conv3x3_weight_grad, nb::arg("x"), nb::arg("grad"), nb::kw_only(),
         nb::arg("stream") = nb::none(),
         "Gradient of conv3x3's weight: x (B, H, W, C), grad (B, H, W, O) -> (O, 3, 3, C).");
