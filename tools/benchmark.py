@@ -3,6 +3,7 @@
     python tools/benchmark.py                         # full run, writes docs/benchmarks.md
     python tools/benchmark.py --quick                 # regression check, < 2 min: ratios only
     python tools/benchmark.py --quick --emulate-avx2  # the same with every library held to AVX2
+    python tools/benchmark.py --cli                   # whole processes: `hold-mlx sample` per backend
 
 ``--quick`` keeps one worker process per backend alive and interleaves them: each round times
 one full sample of the shipped model (``--steps``, batch ``--batch``) and one training step on
@@ -417,6 +418,45 @@ def train_step_runner(kind: str, batch: int):
 QUICK_BACKENDS = (("MLX", "mlx"), ("torch", "torch"), ("onnxruntime", "onnx"))
 
 
+def cli_rounds(args) -> str:
+    """Interleaved whole-process runs of ``hold-mlx sample`` (start-up, model load, any export or
+    native build already cached, sampling, the PNG); the order rotates every round."""
+    import shutil
+
+    exe = shutil.which("hold-mlx")
+    base = [exe] if exe else [sys.executable, "-m", "hold_mlx"]
+    env = dict(os.environ, HOLD_MLX_THREADS=str(args.threads))
+    sample = ["sample", "--steps", str(max(args.steps)), "--n", str(args.batch), "--threads", str(args.threads)]
+    kinds = [("MLX", "mlx"), ("torch", "torch"), ("onnxruntime", "onnx")]
+    times: dict = {label: [] for label, _ in kinds}
+    with tempfile.TemporaryDirectory() as out:
+        # onnxruntime runs an exported graph (untimed, as a user exports once)
+        subprocess.run(base + ["export", "--checkpoint", str(args.checkpoint), "--out", f"{out}/model.onnx"], env=env,
+                       check=True, capture_output=True)
+        source = {"mlx": str(args.checkpoint), "torch": str(args.checkpoint), "onnx": f"{out}/model.onnx"}
+
+        def run(kind):
+            subprocess.run(base + sample + ["--backend", kind, "--checkpoint", source[kind], "--out",
+                                            f"{out}/{kind}.png"], env=env, check=True, capture_output=True)
+        for label, kind in kinds:  # warm-up: the native build and the OS file cache
+            run(kind)
+        for r in range(args.rounds):
+            for label, kind in kinds[r % 3:] + kinds[:r % 3]:
+                start = time.perf_counter()
+                run(kind)
+                times[label].append(time.perf_counter() - start)
+                print(f"round {r + 1}: {label} {times[label][-1]:.2f} s", file=sys.stderr, flush=True)
+    med = {label: float(np.median(v)) for label, v in times.items()}
+    return "\n".join([
+        machine_stamp(args.threads),
+        f"`{COMMAND} --cli --rounds {args.rounds}`: whole processes, `hold-mlx {shlex.join(sample)} --backend B` "
+        f"(the shipped model, its default sampler and guidance), medians of {args.rounds} interleaved rounds after "
+        "one untimed warm-up run per backend. Ratios are MLX time / other time.", "",
+        "| | MLX | torch eager | onnxruntime | MLX / torch | MLX / onnxruntime |", "|---|---|---|---|---|---|",
+        f"| `hold-mlx sample` (s) | {med['MLX']:.3g} | {med['torch']:.3g} | {med['onnxruntime']:.3g} | "
+        f"{med['MLX'] / med['torch']:.2f} | {med['MLX'] / med['onnxruntime']:.2f} |"])
+
+
 def quick(args) -> str:
     """Interleaved rounds over persistent workers (see the module docstring); returns the report."""
     env = dict(os.environ)
@@ -577,7 +617,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="regression check in under two minutes: interleaved rounds, MLX/torch/onnxruntime ratios "
                         "for sampling and training (default --steps 10, --rounds 3; never writes docs)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --quick")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --quick and --cli")
+    p.add_argument("--cli", action="store_true",
+                   help="whole processes as a user runs them: `hold-mlx sample --steps S --n N --backend B` for "
+                        "mlx, torch and onnx in turn, --rounds rounds, medians (default --steps 50 --batch 64)")
     p.add_argument("--emulate-avx2", action="store_true",
                    help="run every library as on an AVX2-only CPU (onnxruntime excepted; see the docstring)")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
@@ -596,6 +639,8 @@ def main(argv=None):
         os.environ.update(EMULATE_AVX2_ENV)  # inherited by every worker
     if args.quick and "--steps" not in (argv if argv is not None else sys.argv):
         args.steps = [10]
+    if args.cli and "--steps" not in (argv if argv is not None else sys.argv):
+        args.steps = [50]
     sys.path.insert(0, str(ROOT))
     shipped = ROOT / "weights" / "fashion-mnist-hold"
     tmp = tempfile.TemporaryDirectory()
@@ -609,6 +654,10 @@ def main(argv=None):
         write_random_checkpoint(args.checkpoint)
     if args.quick:
         print(quick(args))
+        tmp.cleanup()
+        return
+    if args.cli:
+        print(cli_rounds(args))
         tmp.cleanup()
         return
     flops = model_flops_per_image(args.checkpoint)
