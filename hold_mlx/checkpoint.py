@@ -446,6 +446,17 @@ def resolve_model_file(path) -> Path:
     return path
 
 
+def weights_digest(path) -> str:
+    """The first 16 hex digits of the sha256 of a checkpoint's file (a run folder: its
+    model.safetensors): what result caches key on, so a retrained model at the same path is not
+    mistaken for the one they measured."""
+    digest = hashlib.sha256()
+    with open(resolve_model_file(path), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def shipped_file(relative: str, env: str) -> Path | None:
     """A file shipped in weights/ (next to the package in a checkout, or installed data), or the
     path in the environment variable ``env``; None if neither exists."""

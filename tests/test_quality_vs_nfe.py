@@ -58,3 +58,18 @@ def test_tiny_table_is_cached_resumed_and_rendered(tmp_path, tool, monkeypatch):
     assert png.stat().st_size > 1000
     with pytest.raises(SystemExit):
         tool.main(argv[:1] + ["7"] + argv[2:])  # another sample count needs another cache
+    # the cache names the weights it measured: other weights at the same path are refused
+    setup = json.loads(cache.read_text())["setup"]
+    assert setup["weights"] == tool_digest(setup["checkpoint"])
+    data = json.loads(cache.read_text())
+    data["setup"]["weights"] = "0" * 16
+    cache.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="made with"):
+        tool.main(argv)
+
+
+def tool_digest(checkpoint):
+    from hold_mlx.checkpoint import weights_digest
+
+    path = Path(checkpoint)
+    return weights_digest(path if path.exists() else Path(__file__).resolve().parents[1] / path)

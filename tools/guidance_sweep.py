@@ -27,6 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hold_mlx.checkpoint import weights_digest  # noqa: E402
 from hold_mlx.classifier import classifier_logits, load_classifier  # noqa: E402
 from hold_mlx.data import load_dataset  # noqa: E402
 from hold_mlx.model import load  # noqa: E402
@@ -166,7 +167,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model = load(args.checkpoint, args.backend)
     options = {k: v for k, v in (("order", args.order), ("eta", args.eta)) if v is not None}
-    settings = {"checkpoint": str(args.checkpoint), "n_per_class": args.n_per_class, "steps": args.steps,
+    # the weights' digest: a model retrained at the same path starts a new sweep
+    settings = {"checkpoint": str(args.checkpoint), "weights": weights_digest(args.checkpoint),
+                "n_per_class": args.n_per_class, "steps": args.steps,
                 "sampler": args.sampler, "sampler_options": options, "n_ref": args.n_ref}
     done = []
     if args.json and args.json.exists():

@@ -90,18 +90,21 @@ def cell_key(label: str, nfe: int, seed: int) -> str:
 
 def run(args) -> dict:
     from hold_mlx import load
+    from hold_mlx.checkpoint import weights_digest
     from hold_mlx.data import load_dataset
 
     cache = json.loads(args.cache.read_text()) if args.cache.exists() else {}
     cells = cache.setdefault("cells", {})
     path = Path(args.checkpoint)
-    model = load(path if path.is_absolute() or path.exists() else REPO / path, args.backend)
+    resolved = path if path.is_absolute() or path.exists() else REPO / path
+    model = load(resolved, args.backend)
     data_cfg = model.config["data"]
     if tuple(data_cfg["shape"]) != (28, 28, 1):
         raise SystemExit(f"this table uses the Fashion-MNIST classifier; the model makes {tuple(data_cfg['shape'])}")
     scorer = Scorer(data_cfg, args.n_ref, args.classifier)
-    setup = {"checkpoint": str(args.checkpoint), "backend": args.backend, "samples": args.samples,
-             "n_ref": args.n_ref, "reference": scorer.reference_name}
+    # the weights' digest: a model retrained at the same path is not scored with the old cells
+    setup = {"checkpoint": str(args.checkpoint), "weights": weights_digest(resolved), "backend": args.backend,
+             "samples": args.samples, "n_ref": args.n_ref, "reference": scorer.reference_name}
     if cache.get("setup", setup) != setup:
         raise SystemExit(f"{args.cache} was made with {cache['setup']}, not {setup}; use another --cache")
     cache["setup"] = setup
