@@ -8,7 +8,10 @@
 # noise, label dropout and dropout masks are functions of the seed and the step); the sweep and
 # the quality table keep every finished cell in their JSON. Stages (STAGES picks some):
 #   train   HOLD order 3, the fashion-mnist U-Net, --conditional (label dropout 0.1), batch 256,
-#           to COND_STEPS steps;
+#           to COND_STEPS steps (the shipped base run: 5750);
+#   finetune  2500 more steps from the base run's weights at label dropout 0.5 (--init-from, lr 2e-4),
+#           so that the "no label" score, which label dropout 0.1 trains on a tenth of the data,
+#           catches up -> runs/fmnist-cond-ft, the shipped model;
 #   sweep   tools/guidance_sweep.py with the 20-call recipe (gddim, 19 steps, eta 0.5): class
 #           agreement (the project's classifier) and FD for w in {0, 0.5, 1, 2, 4}, 100 samples
 #           per class, seeds 0 1 2 -> docs/guidance_sweep.{json,png};
@@ -24,11 +27,12 @@ RUNS=${1:-runs}
 BACKEND=${BACKEND:-torch}
 DEVICE=${DEVICE:-cpu}
 AMP=${AMP:-none}
-COND_STEPS=${COND_STEPS:-200000}
-GUIDANCE=${GUIDANCE:-1}
-STAGES=${STAGES:-"train sweep agree nolabel"}
+COND_STEPS=${COND_STEPS:-5750}
+GUIDANCE=${GUIDANCE:-0.5}  # the shipped default (DEFAULT_GUIDANCE in hold_mlx/model.py)
+STAGES=${STAGES:-"train finetune sweep agree nolabel"}
 OUT="$RUNS/fmnist-cond"
-CKPT=${CKPT:-$OUT}  # what the measuring stages read (weights/fashion-mnist-hold once shipped)
+FINETUNED="$RUNS/fmnist-cond-ft"
+CKPT=${CKPT:-$FINETUNED}  # what the measuring stages read (weights/fashion-mnist-hold once shipped)
 UNCOND=weights/fashion-mnist-hold-uncond
 mkdir -p "$RUNS"
 
@@ -39,6 +43,11 @@ if wants train; then
   stage hold-mlx train --dataset fashion-mnist --net fashion-mnist --sde hold --conditional --label-dropout 0.1 \
       --batch-size 256 --lr 5e-4 --warmup 500 --ema-decay 0.999 --save-every 100 --seed 0 \
       --backend "$BACKEND" --device "$DEVICE" --amp "$AMP" --steps "$COND_STEPS" --out "$OUT"
+fi
+if wants finetune; then
+  stage hold-mlx train --dataset fashion-mnist --net fashion-mnist --sde hold --conditional --label-dropout 0.5 \
+      --batch-size 256 --lr 2e-4 --warmup 100 --ema-decay 0.999 --save-every 100 --seed 1 \
+      --backend "$BACKEND" --device "$DEVICE" --amp "$AMP" --steps 2500 --init-from "$OUT" --out "$FINETUNED"
 fi
 if wants sweep; then
   stage python tools/guidance_sweep.py --checkpoint "$CKPT" --guidance 0 0.5 1 2 4 --n-per-class 100 \
