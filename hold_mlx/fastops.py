@@ -25,7 +25,7 @@ import sys
 from ._mlx import mx
 
 __all__ = ["enabled", "tanh", "sigmoid", "silu", "softmax", "group_norm", "conv3x3", "conv3x3_stride2",
-           "upsample_conv3x3"]
+           "upsample2", "upsample_conv3x3"]
 
 
 def enabled() -> bool:
@@ -366,8 +366,8 @@ def conv3x3(x, weight, bias):
 # ----------------------------------------------------------------------------- upsampling convolution
 
 
-def _upsample2(x):
-    """Nearest-neighbour 2x upsampling of channels-last x."""
+def upsample2(x):
+    """Nearest-neighbour 2x upsampling of channels-last x (MLX operations only: any device)."""
     b, h, w, c = x.shape
     return mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
@@ -380,7 +380,7 @@ def _upsample_conv_vjp(primals, cotangent, output):
     # the convolution's gradient on the upsampled image, then each 2x2 block of dx summed back
     x, weight, bias = primals
     b, h, w, c = x.shape
-    du, dw, db = _conv3x3_vjp((_upsample2(x), weight, bias), cotangent, None)
+    du, dw, db = _conv3x3_vjp((upsample2(x), weight, bias), cotangent, None)
     return du.reshape(b, h, 2, w, 2, c).sum(axis=(2, 4)), dw, db
 
 
@@ -394,7 +394,7 @@ def upsample_conv3x3(x, weight, bias):
     and output channel, and the 4x image is never written; else the upsampling and conv3x3."""
     if _native() is not None and weight.shape[0] >= _NATIVE_CHANNEL_BLOCK:
         return _upsample_conv(x, weight, bias)
-    return conv3x3(_upsample2(x), weight, bias)
+    return conv3x3(upsample2(x), weight, bias)
 
 
 # ----------------------------------------------------------------------------- stride-2 convolution

@@ -67,15 +67,19 @@ def test_conv_matches_mlx_compiled_and_on_other_streams(shape, out_ch):
     assert mx.abs(other - want).max().item() < 1e-5 * scale
 
 
+def _conv_inputs(shape, out_ch: int, seed: int):
+    """x (shape), a 3x3 weight (out_ch, 3, 3, C) and a bias, drawn from ``seed``."""
+    mx.random.seed(seed)
+    x = mx.random.normal(shape)
+    return x, 0.2 * mx.random.normal((out_ch, 3, 3, shape[3])), mx.random.normal((out_ch,))
+
+
 @pytest.mark.parametrize("shape,out_ch", [((3, 28, 28, 32), 32), ((2, 14, 14, 64), 64), ((2, 30, 2, 5), 48),
                                           ((1, 4, 34, 16), 17)])
 def test_stride2_conv_matches_mlx(shape, out_ch):
     """Stride 2 (the U-Net's down-sampling): output rows of every tile size, channel tails."""
     module = _module()
-    mx.random.seed(out_ch + 1)
-    x = mx.random.normal(shape)
-    w = 0.2 * mx.random.normal((out_ch, 3, 3, shape[3]))
-    b = mx.random.normal((out_ch,))
+    x, w, b = _conv_inputs(shape, out_ch, seed=out_ch + 1)
     want = mx.conv2d(x, w, stride=2, padding=1) + b
     got = module.conv3x3(x, w, b, stride=2)
     assert got.shape == want.shape == (shape[0], shape[1] // 2, shape[2] // 2, out_ch)
@@ -91,10 +95,7 @@ def _upsampled(x):
 def test_upsample_conv_matches_mlx(shape, out_ch):
     """conv3x3 of the 2x nearest upsampling, computed per output parity from the small image."""
     module = _module()
-    mx.random.seed(out_ch + 2)
-    x = mx.random.normal(shape)
-    w = 0.2 * mx.random.normal((out_ch, 3, 3, shape[3]))
-    b = mx.random.normal((out_ch,))
+    x, w, b = _conv_inputs(shape, out_ch, seed=out_ch + 2)
     want = mx.conv2d(_upsampled(x), w, padding=1) + b
     got = module.upsample_conv3x3(x, w, b)
     assert got.shape == want.shape == (shape[0], 2 * shape[1], 2 * shape[2], out_ch)
