@@ -22,19 +22,19 @@ from . import __version__
 from .machine import cpu_count, max_threads
 from .model import DEFAULT_GUIDANCE
 from .parameterisation import WEIGHTINGS
-from .samplers import ALIASES, GRIDS, SAMPLERS
+from .samplers import ALIASES, GRIDS, SAMPLERS, check_grid
 from .sde import SDE_NAMES
 from .trainloop import TrainConfig
 
 #: The library's registries and defaults, not copies of them.
 SAMPLER_CHOICES = (*SAMPLERS, *ALIASES)
-GRID_CHOICES = GRIDS
+GRID_METAVAR = "[" + "|".join(GRIDS) + "|power-R]"
 _TRAIN = TrainConfig()
 
 
-def _gddim_options(sampler: str, order, eta) -> dict:
-    """--order/--eta as sampler options; they belong to gddim only."""
-    given = {k: v for k, v in (("order", order), ("eta", eta)) if v is not None}
+def _gddim_options(sampler: str, order, eta, corrector=None) -> dict:
+    """--order/--eta/--corrector as sampler options; they belong to gddim only."""
+    given = {k: v for k, v in (("order", order), ("eta", eta), ("corrector", corrector)) if v is not None}
     if given and sampler.lower() != "gddim":
         verb = "apply" if len(given) > 1 else "applies"
         raise click.UsageError(f"--{' and --'.join(given)} {verb} only to --sampler gddim")
@@ -84,6 +84,13 @@ def _positive_finite(ctx, param, value):
     if value is not None and not (np.isfinite(value) and value > 0):
         raise click.BadParameter(f"must be a finite number > 0, got {value}", ctx=ctx, param=param)
     return value
+
+
+def _time_grid(ctx, param, value):
+    try:
+        return None if value is None else check_grid(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
 
 
 def _check_sample_memory(model, num: int, batch_size: int) -> None:
@@ -220,9 +227,10 @@ def class_labels(model, class_option: str | None, num: int) -> tuple[np.ndarray 
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Samples per batched network call (does not change the samples).")
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
-@click.option("--grid", "time_grid", type=click.Choice(GRID_CHOICES), default=None,
+@click.option("--grid", "time_grid", default=None, metavar=GRID_METAVAR, callback=_time_grid,
               help="Time grid (default: uniform; quadratic for gddim); quadratic is denser near the data, "
-                   "log-sigma is uniform in the log noise level, edm is EDM's rho-schedule in it.")
+                   "power-R (R in [1, 10], e.g. power-2.5) more so, log-sigma is uniform in the log noise "
+                   "level, edm is EDM's rho-schedule in it.")
 @click.option("--backend", type=click.Choice(["mlx", "torch", "onnx"]), default="mlx", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, callback=_check_threads,
@@ -238,6 +246,9 @@ def class_labels(model, class_option: str | None, num: int) -> tuple[np.ndarray 
 @click.option("--order", type=click.IntRange(1, 3), default=None, help="gddim: multistep order (default 2).")
 @click.option("--eta", type=float, default=None,
               help="gddim: stochasticity in [0, 1]; 0 the probability-flow ODE (default), 1 the reverse SDE.")
+@click.option("--corrector/--no-corrector", default=None,
+              help="gddim: redo each step with the call made at its end (UniPC's corrector; no extra call, "
+                   "one order more).")
 @click.option("--no-denoise", is_flag=True, help="Skip the final noise-free denoising step.")
 @click.option("--class", "class_option", default=None, metavar="NAME|INDEX|all|none",
               help="Class-conditional models: draw this class (a name such as 'Ankle boot', or an index); "
@@ -252,7 +263,7 @@ def class_labels(model, class_option: str | None, num: int) -> tuple[np.ndarray 
                    "images (N, H, W, C) in [0, 1] (and 'labels' when a conditional model draws classes).")
 @friendly_errors
 def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend, device, threads, noise,
-           substeps, snr, norms, order, eta, no_denoise, class_option, guidance, out):
+           substeps, snr, norms, order, eta, corrector, no_denoise, class_option, guidance, out):
     """Draw samples from a trained model with the reverse-time SDE (or ODE)."""
     from tqdm import tqdm
 
@@ -275,7 +286,7 @@ def sample(checkpoint, steps, sampler, num, batch_size, seed, time_grid, backend
         options["snr"] = snr
     if norms is not None:
         options["norms"] = norms
-    options.update(_gddim_options(sampler, order, eta))
+    options.update(_gddim_options(sampler, order, eta, corrector))
     batches = -(-num // batch_size)
     adaptive = sampler.lower() in ("rk45",)
     with tqdm(total=None if adaptive else steps * batches, unit="step", desc=f"sampling ({backend})",
@@ -521,10 +532,11 @@ def _print_table(rows) -> None:
               show_default=True, help="--quality: the sampler that draws the samples.")
 @click.option("--steps", type=click.IntRange(min=1, max=MAX_SAMPLE_STEPS), default=100, show_default=True,
               help="--quality: sampler steps.")
-@click.option("--grid", "time_grid", type=click.Choice(GRID_CHOICES), default=None,
+@click.option("--grid", "time_grid", default=None, metavar=GRID_METAVAR, callback=_time_grid,
               help="--quality: sampler time grid (default: uniform; quadratic for gddim).")
 @click.option("--order", type=click.IntRange(1, 3), default=None, help="--quality, gddim: multistep order (2).")
 @click.option("--eta", type=float, default=None, help="--quality, gddim: 0 the ODE (default), 1 the reverse SDE.")
+@click.option("--corrector/--no-corrector", default=None, help="--quality, gddim: UniPC's corrector (no extra call).")
 @click.option("--samples", "samples_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="--quality: score these samples (.npz key 'samples', user units, as `sample --out` writes) "
                    "instead of drawing new ones.")
@@ -542,7 +554,7 @@ def _print_table(rows) -> None:
               help="Write the report as JSON here.")
 @friendly_errors
 def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator, rtol, atol, quality, n_samples,
-                 sampler, steps, time_grid, order, eta, samples_file, n_ref, classifier, fid_weights, dataset,
+                 sampler, steps, time_grid, order, eta, corrector, samples_file, n_ref, classifier, fid_weights, dataset,
                  data_dir, batch_size, seed, out):
     """Measure a model: likelihood (--bpd) and/or sample quality (--quality).
 
@@ -600,7 +612,7 @@ def eval_command(checkpoint, backend, device, threads, bpd, n_images, estimator,
                                samples_file=samples_file, n_ref=n_ref, dataset=dataset, data_dir=data_dir,
                                classifier=classifier_net, fid_net=fid_net, batch_size=batch_size, seed=seed,
                                progress=lambda *step: bar.update(1),
-                               **_gddim_options(sampler, order, eta))
+                               **_gddim_options(sampler, order, eta, corrector))
         report["quality"] = q
         for name, value in q["metrics"].items():
             if isinstance(value, dict):

@@ -540,6 +540,7 @@ class GDDIMStep:
     transition: np.ndarray
     weights: np.ndarray
     noise_factor: np.ndarray | None
+    corrector: np.ndarray | None = None  # (q + 1, n): weights on x0_hat at t_to, t_from, ...
 
 
 def _lagrange_basis(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -590,7 +591,7 @@ def _lagrange_slope(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def gddim_steps(sde: LinearSDE, ts, order: int = 2, eta: float = 0.0, substeps: int = 64,
-                variable: str = "t") -> list[GDDIMStep]:
+                variable: str = "t", corrector: bool = False) -> list[GDDIMStep]:
     """Float64 coefficients of the gDDIM multistep exponential integrator on the decreasing grid ts.
 
     Step k uses q = min(order, k + 1) data predictions (at t_k, t_{k-1}, ...), extrapolated by the
@@ -633,25 +634,33 @@ def gddim_steps(sde: LinearSDE, ts, order: int = 2, eta: float = 0.0, substeps: 
             R_to[i] = R_to[i + 1] @ R_sub[i]
         R = R_to[0]
         L0, L1 = L_grid[k], L_grid[k + 1]
-        # Weights by parts: g = mu' - M mu (the mean solves the ODE with x0_hat = 1), so
-        # int Psi(t1, tau) g l_j dB = mu_1 l_j(t1) - Psi mu_0 l_j(t0) - int Psi(t1, tau) mu_tau dl_j;
-        # Psi(t1, tau) mu_tau stays bounded where g grows like 1/t^n, and for q = 1 this is exact.
-        _, Linv_e, _ = _cholesky_frame_generator(sde, edges, k_coef) if q > 1 else (None, None, None)
         psi = L1 @ R @ np.linalg.inv(L0)
         mu0, mu1 = sde.mean_coeff(t0)[:, 0], sde.mean_coeff(t1)[:, 0]
         v_edges = coord(edges)
-        weights = np.zeros((q, n))
-        ends = _lagrange_basis(nodes, np.array([coord(t0), coord(t1)]).reshape(-1))
-        for j in range(q):
-            weights[j] = mu1 * ends[j, 1] - psi @ mu0 * ends[j, 0]
-        if q > 1:
+        carried = None
+        if q > 1 or corrector:
+            _, Linv_e, _ = _cholesky_frame_generator(sde, edges, k_coef)
             frame_mean = np.einsum("kij,kj->ki", Linv_e, sde.mean_coeff(edges)[:, :, 0])
             carried = np.einsum("kij,kj->ki", R_to, frame_mean) @ L1.T  # Psi(t1, edge) mu_edge
-            slope = _lagrange_slope(nodes, v_edges)  # (q, substeps + 1)
-            dv = np.diff(v_edges)
-            for j in range(q):
-                f = carried * slope[j][:, None]
-                weights[j] -= (0.5 * (f[:-1] + f[1:]) * dv[:, None]).sum(0)
+
+        def weights_on(nodes):
+            # By parts: g = mu' - M mu (the mean solves the ODE with x0_hat = 1), so
+            # int Psi(t1, tau) g l_j dB = mu_1 l_j(t1) - Psi mu_0 l_j(t0) - int Psi(t1, tau) mu_tau dl_j;
+            # Psi(t1, tau) mu_tau stays bounded where g grows like 1/t^n; for one node this is exact.
+            ends = _lagrange_basis(nodes, np.array([coord(t0), coord(t1)]).reshape(-1))
+            w = mu1[None] * ends[:, 1:2] - (psi @ mu0)[None] * ends[:, 0:1]
+            if len(nodes) > 1:
+                slope = _lagrange_slope(nodes, v_edges)  # (q, substeps + 1)
+                dv = np.diff(v_edges)
+                for j in range(len(nodes)):
+                    f = carried * slope[j][:, None]
+                    w[j] -= (0.5 * (f[:-1] + f[1:]) * dv[:, None]).sum(0)
+            return w
+
+        weights = weights_on(nodes)
+        # The corrector interpolates through t_to as well (the call made there by the next step),
+        # one node more than the predictor: UniPC's corrector (Zhao et al. 2023) in this frame.
+        correction = weights_on(np.concatenate([coord(np.array([t1])).reshape(-1), nodes])) if corrector else None
         noise = L1 @ psd_sqrt(np.eye(n) - R @ R.T) if eta > 0 else None
-        steps.append(GDDIMStep(psi, weights, noise))
+        steps.append(GDDIMStep(psi, weights, noise, correction))
     return steps

@@ -89,6 +89,10 @@ def test_coefficients_carry_the_kernel(case, eta):
             mu0, mu1 = sde.mean_coeff(ts[k])[:, 0], sde.mean_coeff(ts[k + 1])[:, 0]
             np.testing.assert_allclose(step.transition @ mu0 + step.weights.sum(0), mu1, atol=1e-8)
             assert len(step.weights) == min(order, k + 1)
+        for k, step in enumerate(gddim_steps(sde, ts, order=order, eta=eta, corrector=True)):
+            mu0, mu1 = sde.mean_coeff(ts[k])[:, 0], sde.mean_coeff(ts[k + 1])[:, 0]
+            np.testing.assert_allclose(step.transition @ mu0 + step.corrector.sum(0), mu1, atol=1e-8)
+            assert len(step.corrector) == min(order, k + 1) + 1
         if eta == 0.0:
             assert all(s.noise_factor is None for s in steps)
         else:  # noise only where the SDE injects it: more for larger eta
@@ -115,11 +119,24 @@ def test_noise_scale_grids_are_monotone(case):
     sde = make_sde(case)
     lam = log_noise_scale(sde, np.geomspace(sde.eps_sample, sde.T, 3000))
     assert np.all(np.diff(lam) > 0)
-    for grid in GRIDS:
+    for grid in GRIDS + ("power-2.5", "power-10"):
         ts = time_grid(sde, 12, grid)
         assert ts[0] == sde.T and ts[-1] == sde.eps_sample and np.all(np.diff(ts) < 0)
     steps = np.diff(log_noise_scale(sde, time_grid(sde, 12, "log-sigma")))
     np.testing.assert_allclose(steps, steps[0], rtol=1e-3)  # uniform in log sigma_eff
+
+
+def test_power_grids():
+    """power-R: t_k = T - (T - eps) (1 - (1 - k/N)^R); power-1 is uniform and power-2 quadratic."""
+    sde = make_sde("cld")
+    np.testing.assert_array_equal(time_grid(sde, 7, "power-1"), time_grid(sde, 7, "uniform"))
+    np.testing.assert_array_equal(time_grid(sde, 7, "power-2.0"), time_grid(sde, 7, "quadratic"))
+    k = np.arange(8) / 7
+    expected = sde.T - (sde.T - sde.eps_sample) * (1 - (1 - k) ** 2.5)
+    np.testing.assert_allclose(time_grid(sde, 7, "power-2.5"), expected, rtol=1e-12)
+    for bad in ("power-0.5", "power-11", "power-", "power-nan", "power-inf", "cubic", "Quadratic"):
+        with pytest.raises(ValueError, match=r"unknown time grid .* or power-R with R in \[1, 10\]"):
+            time_grid(sde, 7, bad)
 
 
 # ----------------------------------------------------------------------------- exactness and order
@@ -140,8 +157,9 @@ def dirac_score(sde, x0):
 
 
 @pytest.mark.parametrize("case", ["vp", "cld", "hold3"])
-@pytest.mark.parametrize("order,eta", [(1, 0.0), (3, 0.0), (2, 1.0)])
-def test_one_point_law_is_exact(case, order, eta):
+@pytest.mark.parametrize("order,eta,corrector", [(1, 0.0, False), (3, 0.0, False), (2, 1.0, False),
+                                                 (2, 0.0, True), (1, 0.5, True)])
+def test_one_point_law_is_exact(case, order, eta, corrector):
     """With the exact score of delta_{x0} every step is the exact map: after 1 to 3 steps the state
     is N(mu_t x0, Sigma_t) (whitened residuals have identity covariance; for eta = 0 the map is
     deterministic, the same as the exact flow) and the output is x0."""
@@ -151,7 +169,7 @@ def test_one_point_law_is_exact(case, order, eta):
     # float64: the score of a point law near t = 0 is -(Sigma^-1 (u - mu x0))_n with entries ~1e7
     res = run_sampler(sde, dirac_score(sde, x0), (4000, 2), ops=NumpyBackend(np.float64),
                       noise=PortableNoise(3, np.arange(4000)), sampler="gddim", steps=3, order=order, eta=eta,
-                      callback=lambda k, t, u: states.append((t, np.array(u))))
+                      corrector=corrector, callback=lambda k, t, u: states.append((t, np.array(u))))
     np.testing.assert_allclose(res.x, np.broadcast_to(x0, res.x.shape), atol=1e-6)
     for t, u in states:
         resid = u.reshape(len(u), sde.order, 2) - sde.mean_coeff(t)[:, 0][None, :, None] * x0[None, None, :]
@@ -161,10 +179,10 @@ def test_one_point_law_is_exact(case, order, eta):
         np.testing.assert_allclose(flat.mean(0), 0.0, atol=0.05)
 
 
-def output_variance_error(sde, v, steps, order):
+def output_variance_error(sde, v, steps, order, corrector=False):
     """|Var(output) - Var(E[x0 | u_eps])| for data N(0, v): the exact target is v minus the
     posterior variance 1 / (1/v + mu^T Sigma^-1 mu) at eps (the final call returns x0_hat)."""
-    cov = probe_covariance(sde, [v], "gddim", steps, order=order, grid="quadratic")[0, 0]
+    cov = probe_covariance(sde, [v], "gddim", steps, order=order, grid="quadratic", corrector=corrector)[0, 0]
     eps = sde.eps_sample
     mu = sde.mean_coeff(eps)[:, 0]
     info = mu @ np.linalg.solve(accurate_cov(sde, eps), mu)
@@ -183,28 +201,40 @@ def test_order_of_convergence_on_gaussian_data(case, order):
     assert np.all(np.abs(rates - order) < 0.4), (errs, rates)
 
 
+@pytest.mark.parametrize("case", ["vp", "cld", "hold3"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_the_corrector_raises_the_order_by_one(case, order):
+    """The corrector's interpolation through the new call makes order q an order q + 1 method."""
+    sde = make_sde(case)
+    grids = (40, 80, 160) if order == 1 else (20, 40, 80)  # order 2 + 1 meets the quadrature floor sooner
+    errs = [output_variance_error(sde, 0.4, n, order, corrector=True) for n in grids]
+    rates = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
+    assert np.all(np.abs(rates - (order + 1)) < 0.4), (errs, rates)
+
+
 # ----------------------------------------------------------------------------- NFE, backends, options
 
 
-@pytest.mark.parametrize("order", [1, 3])
+@pytest.mark.parametrize("order,corrector", [(1, False), (3, False), (2, True)])
 @pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_nfe_is_steps_plus_one(order, eta):
+def test_nfe_is_steps_plus_one(order, eta, corrector):
     sde = make_sde("hold3")
     score = CountingScore(ExactScore(sde, ring_mixture()))
-    res = sample_full(sde, score, (5, 2), sampler="gddim", steps=7, backend="numpy", seed=1, order=order, eta=eta)
+    res = sample_full(sde, score, (5, 2), sampler="gddim", steps=7, backend="numpy", seed=1, order=order, eta=eta,
+                      corrector=corrector)
     assert res.nfe == len(score.calls) == 8
     ts = time_grid(sde, 7, "quadratic")  # gddim's default grid
     np.testing.assert_allclose([t[0] for _, t in score.calls], ts, rtol=1e-6)
     plain = sample_full(sde, CountingScore(score.fn), (5, 2), sampler="gddim", steps=7, backend="numpy", seed=1,
-                        order=order, eta=eta, denoise=False)
+                        order=order, eta=eta, corrector=corrector, denoise=False)
     assert plain.nfe == 7
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_mlx_and_torch_match_numpy(eta):
+@pytest.mark.parametrize("eta,corrector", [(0.0, False), (0.7, False), (0.7, True)])
+def test_mlx_and_torch_match_numpy(eta, corrector):
     sde = make_sde("cld")
     score = ExactScore(sde, ring_mixture())
-    run = functools.partial(sample_full, sde, sampler="gddim", steps=9, seed=4, order=3, eta=eta)
+    run = functools.partial(sample_full, sde, sampler="gddim", steps=9, seed=4, order=3, eta=eta, corrector=corrector)
     ref = run(score, (6, 2), backend="numpy").x
     if pytest.importorskip("mlx.core"):
         whole = np.array(run(mlx_score(score), (6, 2), backend="mlx").x)
@@ -225,6 +255,7 @@ def test_mlx_and_torch_match_numpy(eta):
     ({"eta": -0.1}, r"eta must be a number in \[0, 1\]"),
     ({"eta": 1.5}, r"eta must be a number in \[0, 1\]"),
     ({"eta": float("nan")}, r"eta must be a number in \[0, 1\]"),
+    ({"corrector": "yes"}, "corrector must be True or False"),
     ({"substeps": 3}, "has no option 'substeps'"),
 ])
 def test_bad_options_are_refused(options, message):

@@ -34,6 +34,7 @@ def sample_cli(*args):
     ["--sampler", "rk45"],
     ["--sampler", "gddim", "--order", "3", "--eta", "0.5", "--grid", "edm"],
     ["--sampler", "gddim", "--grid", "log-sigma"],
+    ["--sampler", "gddim", "--corrector", "--eta", "0.3", "--grid", "power-2.5"],
 ])
 def test_sample_options_reach_the_sampler(tmp_path, points_run, extra):
     npz = tmp_path / "s.npz"
@@ -57,6 +58,8 @@ def test_an_option_the_sampler_does_not_take_is_a_one_line_error(tmp_path, point
     (["--sampler", "gddim", "--eta", "2"], "Error: gddim eta must be a number in [0, 1]"),
     (["--sampler", "gddim", "--order", "4"], "Invalid value for '--order'"),
     (["--sampler", "lie-trotter", "--order", "2"], "Error: --order applies only to --sampler gddim"),
+    (["--sampler", "ams", "--no-corrector"], "Error: --corrector applies only to --sampler gddim"),
+    (["--sampler", "gddim", "--grid", "power-20"], "Invalid value for '--grid': unknown time grid 'power-20'"),
 ])
 def test_gddim_options_are_checked(tmp_path, points_run, extra, message):
     result = sample_cli("--checkpoint", points_run, "--steps", "3", "--out", tmp_path / "x.npz", *extra)
