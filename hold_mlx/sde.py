@@ -603,6 +603,8 @@ def gddim_steps(sde: LinearSDE, ts, order: int = 2, eta: float = 0.0, substeps: 
     (below) with the trapezoidal rule. The noise covariance uses that every member of the family
     keeps the marginals: for a one-point data law at 0 the law N(0, Sigma_t) must map to
     N(0, Sigma_t'), so Q = Sigma_t' - Psi Sigma_t Psi^T = L' (I - R R^T) L'^T, R the frame's transition.
+    ``corrector=True`` adds each step's corrector weights: the same integral on the nodes t_to,
+    t_k, t_{k-1}, ... (docs/math.md 4.11, item 8).
     """
     if isinstance(order, bool) or order not in (1, 2, 3):
         raise ValueError(f"gddim order must be 1, 2 or 3, got {order!r}")

@@ -425,9 +425,6 @@ def render(results, nfes, sdes, args, elapsed) -> str:
         return "\n".join(_tables(lines, results, nfes, sdes, args) + [end]) + "\n"
     lines = [
         begin, *head,
-        f"Command: `{cmd}` ({elapsed / 60:.1f} min on {platform.machine()} {platform.system()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}).",
-        "",
         "Every score is exact (`hold_mlx.exact.ExactScore`: a Gaussian mixture pushed through the SDE), so",
         "the numbers measure the samplers alone. Quality is measured against N fresh data samples:",
         "unbiased MMD² (×10³; multi-scale Gaussian kernel, bandwidths h/16, h/8, h/4, h/2, h with h the",
@@ -442,7 +439,8 @@ def render(results, nfes, sdes, args, elapsed) -> str:
         "the realised count at each target). AMS: snr 0.16, one corrector step per predictor step, norms per",
         "sample (the library default) or averaged over the batch (score_sde / AMS code). gddim-q: order q,",
         "eta = 0 unless named; it runs on its default quadratic grid, gddim-2 also on the SDE-derived grids",
-        "(log-sigma: uniform in log σ_eff; edm: EDM's ρ = 7 schedule in σ_eff). Plan (`plan()`): Lie–Trotter",
+        "(log-sigma: uniform in log σ_eff; edm: EDM's ρ = 7 schedule in σ_eff); gddim-2-pc-eta0.5 (the",
+        "corrector, η = 0.5) on the power-2.5 grid only. Plan (`plan()`): Lie–Trotter",
         "(both grids) and Euler–Maruyama (uniform) at every NFE, the other samplers up to NFE 50 on the",
         "quadratic grid; `--full` adds Heun, PLMC-one and AMS on every grid.",
         "",
