@@ -171,7 +171,8 @@ def test_fp16_export_stays_close_to_torch(tmp_path):
 # ----------------------------------------------------------------------------- same samples everywhere
 
 
-@pytest.mark.parametrize("sampler", [{}, {"sampler": "gddim", "order": 3, "eta": 0.5}])
+@pytest.mark.parametrize("sampler", [{}, {"sampler": "gddim", "order": 3, "eta": 0.5},
+                                     {"sampler": "gddim", "corrector": True, "grid": "power-2.5"}])
 def test_same_seed_same_samples_on_onnx_mlx_and_torch(exported, sampler):
     pytest.importorskip("mlx.core")
     from hold_mlx.model import load
