@@ -41,7 +41,10 @@ def main(argv=None):
     ap.add_argument("--first-seed", type=int, default=5, help="the benchmark uses 0..4; start after them")
     ap.add_argument("--n", type=int, default=1000, help="samples per seed")
     args = ap.parse_args(argv)
-    grids = [check_grid(g) for g in args.grids.split(",")]
+    try:
+        grids = [check_grid(g) for g in args.grids.split(",")]
+    except ValueError as err:
+        ap.error(str(err))
     orders = [int(o) for o in args.orders.split(",")]
     etas = [float(e) for e in args.etas.split(",")]
     problem = bench.make_problem(64, args.n, 20, exact=True)
