@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def test_tiny_table_is_cached_resumed_and_rendered(tmp_path, tool, monkeypatch):
     # a few-step sampler is far from the data; real images are much closer
     assert cells["floor|6|0"]["fd"] < cells["lie-trotter|3|0"]["fd"]
     tool.main(argv)  # nothing left to do
+    assert len(calls) == 4
+    copy = tmp_path / "same-weights"  # the same weights at another path: the cells stand
+    shutil.copytree(Path(tool.REPO) / tool.SHIPPED, copy)
+    tool.main(argv + ["--checkpoint", str(copy)])
     assert len(calls) == 4
     text = out.read_text()
     assert text.startswith("# Samplers\n\nhand-written text\n") and tool.BEGIN in text and tool.END in text

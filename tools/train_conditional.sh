@@ -18,8 +18,10 @@
 #   agree   the same at w = GUIDANCE with 100 Lie-Trotter steps (the CLI default sampler)
 #           -> docs/guidance_lt100.json;
 #   nolabel unconditional ("no label") FD/KD with 1000 samples x seeds 0 1 2 at 100 Lie-Trotter
-#           calls and 10/20 gddim calls -> docs/quality_vs_nfe_cond.json, next to the same cells of
-#           the previous (unconditional) default model in docs/quality_vs_nfe.json.
+#           calls and 10/20 gddim calls -> docs/quality_vs_nfe.json (the cache of the quality-vs-NFE
+#           table, whose default model is the shipped one), next to the same cells of the previous
+#           (unconditional) default model in docs/quality_vs_nfe_uncond.json. The whole table:
+#           `nice -n 10 python tools/quality_vs_nfe.py` (hours; resumable).
 # BACKEND/DEVICE/AMP choose the trainer (torch on the CPU was the faster trainer on the 2-core
 # x86 machine; DEVICE=cuda AMP=bf16 on an NVIDIA GPU).
 set -euo pipefail
@@ -62,9 +64,10 @@ if wants nolabel; then
   for cells in "lie-trotter 100" "gddim-2-eta0.5 10,20"; do
     set -- $cells
     stage python tools/quality_vs_nfe.py --checkpoint "$CKPT" --configs "$1" --nfe "$2" \
-        --cache docs/quality_vs_nfe_cond.json --out "$RUNS/quality_vs_nfe_cond.md" --plot "$RUNS/quality_vs_nfe_cond.png"
+        --out "$RUNS/quality_vs_nfe_cond.md" --plot "$RUNS/quality_vs_nfe_cond.png"
     stage python tools/quality_vs_nfe.py --checkpoint "$UNCOND" --configs "$1" --nfe "$2" \
-        --out "$RUNS/quality_vs_nfe_uncond.md" --plot "$RUNS/quality_vs_nfe_uncond.png"
+        --cache docs/quality_vs_nfe_uncond.json --out "$RUNS/quality_vs_nfe_uncond.md" \
+        --plot "$RUNS/quality_vs_nfe_uncond.png"
   done
 fi
 echo "[$(date -u +%FT%TZ)] done"
