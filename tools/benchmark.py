@@ -418,6 +418,15 @@ def train_step_runner(kind: str, batch: int):
 QUICK_BACKENDS = (("MLX", "mlx"), ("torch", "torch"), ("onnxruntime", "onnx"))
 
 
+def ratio_table(rows) -> list[str]:
+    """Markdown rows of (what, MLX, torch, onnxruntime) medians in seconds, with MLX / other ratios."""
+    lines = ["| | MLX | torch eager | onnxruntime | MLX / torch | MLX / onnxruntime |", "|---|---|---|---|---|---|"]
+    for what, m, t, o in rows:
+        lines.append(f"| {what} | {fmt(m)} | {fmt(t)} | {fmt(o)} | "
+                     f"{f'{m / t:.2f}' if m and t else '–'} | {f'{m / o:.2f}' if m and o else '–'} |")
+    return lines
+
+
 def cli_rounds(args) -> str:
     """Interleaved whole-process runs of ``hold-mlx sample`` (start-up, model load, any export or
     native build already cached, sampling, the PNG); the order rotates every round."""
@@ -427,7 +436,7 @@ def cli_rounds(args) -> str:
     base = [exe] if exe else [sys.executable, "-m", "hold_mlx"]
     env = dict(os.environ, HOLD_MLX_THREADS=str(args.threads))
     sample = ["sample", "--steps", str(max(args.steps)), "--n", str(args.batch), "--threads", str(args.threads)]
-    kinds = [("MLX", "mlx"), ("torch", "torch"), ("onnxruntime", "onnx")]
+    kinds = list(QUICK_BACKENDS)
     times: dict = {label: [] for label, _ in kinds}
     with tempfile.TemporaryDirectory() as out:
         # onnxruntime runs an exported graph (untimed, as a user exports once)
@@ -452,9 +461,7 @@ def cli_rounds(args) -> str:
         f"`{COMMAND} --cli --rounds {args.rounds}`: whole processes, `hold-mlx {shlex.join(sample)} --backend B` "
         f"(the shipped model, its default sampler and guidance), medians of {args.rounds} interleaved rounds after "
         "one untimed warm-up run per backend. Ratios are MLX time / other time.", "",
-        "| | MLX | torch eager | onnxruntime | MLX / torch | MLX / onnxruntime |", "|---|---|---|---|---|---|",
-        f"| `hold-mlx sample` (s) | {med['MLX']:.3g} | {med['torch']:.3g} | {med['onnxruntime']:.3g} | "
-        f"{med['MLX'] / med['torch']:.2f} | {med['MLX'] / med['onnxruntime']:.2f} |"])
+        *ratio_table([("`hold-mlx sample` (s)", med["MLX"], med["torch"], med["onnxruntime"])])])
 
 
 def quick(args) -> str:
@@ -505,12 +512,9 @@ def quick(args) -> str:
     lines = [machine_stamp(args.threads),
              f"`{COMMAND} --quick`: medians of {args.rounds} interleaved rounds; one sample = {args.batch} images, "
              f"{steps} Lie-Trotter steps of the shipped model, in-process (no start-up); one training step = "
-             f"batch {args.batch}. Ratios are MLX time / other time: at most 1.00 means MLX is at least as fast.", "",
-             "| | MLX | torch eager | onnxruntime | MLX / torch | MLX / onnxruntime |", "|---|---|---|---|---|---|"]
-    for what, unit in (("sample", "sample (s)"), ("train", "train step (s)")):
-        m, t, o = med("MLX", what), med("torch", what), med("onnxruntime", what)
-        lines.append(f"| {unit} | {fmt(m)} | {fmt(t)} | {fmt(o)} | "
-                     f"{f'{m / t:.2f}' if m and t else '–'} | {f'{m / o:.2f}' if m and o else '–'} |")
+             f"batch {args.batch}. Ratios are MLX time / other time: at most 1.00 means MLX is at least as fast.", ""]
+    lines += ratio_table([(unit, med("MLX", what), med("torch", what), med("onnxruntime", what))
+                          for what, unit in (("sample", "sample (s)"), ("train", "train step (s)"))])
     return "\n".join(lines)
 
 
