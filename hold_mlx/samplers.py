@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 GRIDS = ("uniform", "quadratic", "log-sigma", "edm")
+#: The grids set by the SDE's noise level rather than by a power of the time fraction.
+NOISE_LEVEL_GRIDS = ("log-sigma", "edm")
 
 #: EDM's rho for the "edm" grid (Karras et al. 2022).
 EDM_RHO = 7.0
@@ -62,7 +64,7 @@ def time_grid(sde: LinearSDE, steps: int, kind: str = "uniform") -> np.ndarray:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     steps = int(steps)
     frac = np.arange(steps + 1, dtype=np.float64) / steps
-    if kind in ("log-sigma", "edm"):
+    if kind in NOISE_LEVEL_GRIDS:
         return _noise_level_grid(sde, frac, kind)
     tau = 1.0 - (1.0 - frac) ** grid_power(kind)
     ts = sde.T - (sde.T - sde.eps_sample) * tau
@@ -88,7 +90,7 @@ def grid_power(kind: str) -> float:
 
 def check_grid(kind: str) -> str:
     """``kind`` if it names a time grid, else the ValueError of ``grid_power``."""
-    if kind not in ("log-sigma", "edm"):
+    if kind not in NOISE_LEVEL_GRIDS:
         grid_power(kind)
     return kind
 

@@ -53,6 +53,7 @@ from hold_mlx.api import sample_full  # noqa: E402
 from hold_mlx.exact import (ExactScore, checkerboard_like_mixture, median_distance, mmd2_to_mixture,  # noqa: E402
                             ring_mixture, sliced_wasserstein)
 from hold_mlx.metrics import gaussian_kernel, mmd2_unbiased  # noqa: E402
+from hold_mlx.samplers import NOISE_LEVEL_GRIDS  # noqa: E402
 from hold_mlx.sde import get_sde  # noqa: E402
 
 SDES = {"vp": ("vp", {}), "cld": ("cld", {}), "hold3": ("hold", {"order": 3}), "hold4": ("hold", {"order": 4})}
@@ -108,7 +109,7 @@ SPECS = [
     Spec("gddim-2-pc-eta0.5", "gddim", {"order": 2, "eta": 0.5, "corrector": True}, grids=("power-2.5",)),
 ]
 #: Grids benchmarked besides uniform and quadratic (for gddim only: it picks its default by them).
-NOISE_GRIDS = ("log-sigma", "edm")
+NOISE_GRIDS = NOISE_LEVEL_GRIDS
 RK45 = Spec("ode-rk45", "ode", {"method": "rk45"})
 
 
@@ -158,9 +159,10 @@ def make_problem(dim: int, n: int, floor_repeats: int, exact: bool = False) -> P
     return problem
 
 
-def run_cell(problem, sde, spec: Spec, steps: int, grid: str, seeds: int, extra=None) -> dict:
-    """run_point for seeds 0..seeds-1: mean and std of each metric (inf if any seed diverged)."""
-    runs = [run_point(problem, sde, spec, steps, grid, seed, extra) for seed in range(seeds)]
+def run_cell(problem, sde, spec: Spec, steps: int, grid: str, seeds: int, extra=None, first_seed: int = 0) -> dict:
+    """run_point for seeds first_seed.. (seeds of them): mean and std of each metric (inf if any seed
+    diverged)."""
+    runs = [run_point(problem, sde, spec, steps, grid, seed, extra) for seed in range(first_seed, first_seed + seeds)]
     cell = {"steps": steps, "nfe": int(round(np.mean([r["nfe"] for r in runs]))),
             "seconds": sum(r["seconds"] for r in runs), "seeds": len(runs)}
     for m in ("mmd2", "sw"):

@@ -110,8 +110,10 @@ def run(args) -> dict:
     # the weights' digest: a model retrained at the same path is not scored with the old cells
     setup = {"checkpoint": str(args.checkpoint), "weights": weights_digest(resolved), "backend": args.backend,
              "samples": args.samples, "n_ref": args.n_ref, "reference": scorer.reference_name}
-    same = {k: v for k, v in setup.items() if k != "checkpoint"}  # the weights, not where they lie
-    if {k: v for k, v in cache.get("setup", setup).items() if k != "checkpoint"} != same:
+    def measured(s):  # what makes the cells comparable: the weights, not where they lie
+        return {k: v for k, v in s.items() if k != "checkpoint"}
+
+    if measured(cache.get("setup", setup)) != measured(setup):
         raise SystemExit(f"{args.cache} was made with {cache['setup']}, not {setup}; use another --cache")
     cache["setup"] = setup
     floor_key = f"floor|{args.samples}"
